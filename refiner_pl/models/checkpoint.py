@@ -1,0 +1,238 @@
+"""Reading release checkpoints and saving models in this project's own format.
+
+Everything is loaded with ``torch.load(..., weights_only=True)``: a file that would run
+code when unpickled is refused with a clear error instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from refiner_pl.errors import UserInputError
+from refiner_pl.models.refiner_vit import RefinerViT, release_to_refiner_pl
+
+__all__ = [
+    "from_official_checkpoint",
+    "infer_model_args",
+    "load_model",
+    "read_checkpoint",
+    "save_model",
+    "unwrap_state_dict",
+]
+
+_logger = logging.getLogger(__name__)
+
+MODEL_FORMAT = "refiner_pl.model"
+# Release files wrap the weights under one of these keys; EMA weights are the ones evaluated.
+_WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load`` with ``weights_only=True``, turning every failure into one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"checkpoint {str(path)!r} does not exist: check the path")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(
+            f"refused to load {str(path)!r}: it contains pickled objects that are not plain "
+            f"tensors ({first[:160]}); only load checkpoints from sources you trust, and "
+            "re-save them as a plain state dict"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(
+            f"cannot read checkpoint {str(path)!r}: the file is truncated or not a PyTorch "
+            f"checkpoint ({reason[:160]}); re-download or re-save it"
+        ) from None
+    if not isinstance(loaded, Mapping):
+        raise UserInputError(
+            f"checkpoint {str(path)!r} holds a {type(loaded).__name__}, not a state dict"
+        )
+    return dict(loaded)
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights of a release-style file: EMA first, then ``state_dict`` / ``model``;
+    ``module.`` prefixes (DataParallel/DDP) are stripped."""
+    state_dict: Mapping[str, Any] = checkpoint
+    for key in _WRAPPER_KEYS:
+        if isinstance(checkpoint.get(key), Mapping) and checkpoint[key]:
+            state_dict = checkpoint[key]
+            break
+    out = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        out[key[len("module.") :] if key.startswith("module.") else key] = value
+    return out
+
+
+def _block_indices(state_dict: Mapping[str, torch.Tensor]) -> list[int]:
+    return sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
+
+
+def infer_model_args(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Read the whole architecture off the tensors of a state dict in our naming."""
+    needed = ("cls_token", "pos_embed", "norm.weight", "blocks.0.norm1.weight", "blocks.0.ls2.gamma")
+    missing = [k for k in needed if k not in state_dict]
+    if missing:
+        hint = ""
+        if "blocks.0.mlp.fc1.weight" in state_dict and "blocks.0.ls2.gamma" in missing:
+            hint = " (it looks like a plain ViT/DeiT checkpoint: load it with timm instead)"
+        raise UserInputError(
+            f"this is not a Refiner-ViT state dict: keys {missing} are missing{hint}; pass the "
+            "file of a Refiner-ViT release or of this project"
+        )
+    embed_dim = state_dict["cls_token"].shape[-1]
+    blocks = _block_indices(state_dict)
+    depth = len(blocks)
+    if blocks != list(range(depth)):
+        raise UserInputError(f"blocks {blocks} are not numbered 0..{depth - 1}: the file is damaged")
+
+    block_types, num_heads, expansion, kernel = [], None, 3, 3
+    for i in blocks:
+        has_qk = f"blocks.{i}.attn.qkv.weight" in state_dict
+        refined = f"blocks.{i}.attn.refiner.expand.weight" in state_dict
+        block_types.append(("refine" if has_qk else "shared") if refined else "plain")
+        if refined:
+            expand = state_dict[f"blocks.{i}.attn.refiner.expand.weight"]
+            num_heads = expand.shape[1]
+            expansion = expand.shape[0] // expand.shape[1]
+            kernel = state_dict[f"blocks.{i}.attn.refiner.local.weight"].shape[-1]
+
+    if "patch_embed.conv1.weight" in state_dict:
+        stem = "conv"
+        patch_size = state_dict["patch_embed.proj.weight"].shape[-1] * 2
+    else:
+        stem = "linear"
+        patch_size = state_dict["patch_embed.proj.weight"].shape[-1]
+    in_chans = state_dict[
+        "patch_embed.conv1.weight" if stem == "conv" else "patch_embed.proj.weight"
+    ].shape[1]
+    grid_tokens = state_dict["pos_embed"].shape[1] - 1
+    grid = int(grid_tokens**0.5)
+    if grid * grid != grid_tokens:
+        raise UserInputError(
+            f"pos_embed has {grid_tokens} patch tokens, not a square grid: pass img_size=... "
+            "explicitly"
+        )
+    head = state_dict.get("head.weight")
+    args: dict[str, Any] = {
+        "img_size": grid * patch_size,
+        "patch_size": patch_size,
+        "in_chans": in_chans,
+        "num_classes": head.shape[0] if head is not None else 0,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "mlp_ratio": state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+        "qkv_bias": any(k.endswith((".attn.qkv.bias", ".attn.v.bias")) for k in state_dict),
+        "block_types": block_types,
+        "refiner_expansion": expansion,
+        "refiner_kernel_size": kernel,
+        "stem": stem,
+        "token_head": "aux_head.weight" in state_dict,
+    }
+    if num_heads is not None:
+        args["num_heads"] = num_heads
+    return args
+
+
+def _build_and_load(
+    state_dict: dict[str, torch.Tensor], model_args: dict[str, Any], source: str
+) -> RefinerViT:
+    model = RefinerViT(**model_args)
+    head = state_dict.get("head.weight")
+    if head is not None and model.num_classes != head.shape[0]:
+        # Transfer to another label set: keep the backbone, start fresh class heads.
+        _logger.warning(
+            "%s has %d classes, model has %d: the class heads are re-initialised",
+            source,
+            head.shape[0],
+            model.num_classes,
+        )
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("head.", "aux_head."))}
+        expected_missing = {k for k in model.state_dict() if k.startswith(("head.", "aux_head."))}
+    else:
+        expected_missing = set()
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = set(result.missing_keys) - expected_missing
+    if missing or result.unexpected_keys:
+        raise UserInputError(
+            f"{source} does not match the architecture it describes: missing "
+            f"{sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}; "
+            "is the file complete and a Refiner-ViT?"
+        )
+    return model.eval()
+
+
+def from_official_checkpoint(
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any], **overrides: Any
+) -> RefinerViT:
+    """Build a Refiner-ViT from a release checkpoint, inferring the architecture.
+
+    Accepts a file path or an already loaded dict: a plain state dict, or one wrapped under
+    ``state_dict_ema`` / ``state_dict`` / ``model`` (EMA preferred), with or without
+    ``module.`` prefixes. ``overrides`` go to :class:`RefinerViT` (e.g. ``img_size=448``
+    resamples the position embedding, ``num_classes=100`` starts new heads, ``drop_path_rate``).
+    Returns the model in eval mode, loaded strictly.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        source, raw = "the state dict", path_or_state_dict
+    else:
+        source, raw = repr(str(path_or_state_dict)), read_checkpoint(path_or_state_dict)
+    if raw.get("format") == MODEL_FORMAT:
+        return load_model(raw, **overrides)
+    state_dict = release_to_refiner_pl(unwrap_state_dict(raw))
+    model_args = infer_model_args(state_dict)
+    if "num_heads" not in model_args and "num_heads" not in overrides:
+        raise UserInputError(
+            f"{source} has no refiner blocks, so the head count cannot be read off it: "
+            "pass num_heads=..."
+        )
+    return _build_and_load(state_dict, {**model_args, **overrides}, source)
+
+
+def save_model(model: RefinerViT, path: str | os.PathLike) -> Path:
+    """Save weights and architecture in this project's format (read by :func:`load_model`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": MODEL_FORMAT,
+        "version": 1,
+        "model_args": {**model.model_args, "img_size": list(model.model_args["img_size"])},
+        "state_dict": model.state_dict(),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # never leave a half-written file under the real name
+    return path
+
+
+def load_model(path_or_payload: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> RefinerViT:
+    """Load a model saved by :func:`save_model`; ``overrides`` change its construction."""
+    if isinstance(path_or_payload, Mapping):
+        source, payload = "the model file", path_or_payload
+    else:
+        source, payload = repr(str(path_or_payload)), read_checkpoint(path_or_payload)
+    if payload.get("format") != MODEL_FORMAT:
+        raise UserInputError(
+            f"{source} is not a refiner_pl model file: use from_official_checkpoint() for "
+            "release checkpoints"
+        )
+    return _build_and_load(dict(payload["state_dict"]), {**payload["model_args"], **overrides}, source)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,758 @@
+"""Refiner-ViT ("Refiner: Refining Self-attention for Vision Transformers", Zhou et al. 2021).
+
+One readable file in the style of timm's ``vision_transformer.py``: the layers, the model,
+the release-checkpoint filter and the registered presets. The computation follows the
+released models exactly (see ``REFINER_SPEC.md``); the options beyond the release
+(block kinds, expansion, kernel size, stem, token head, refiner off) serve the ablations.
+
+Block kinds, chosen per block with ``block_types``:
+
+``plain``   softmax attention; adds ``scale * previous map`` when ``attn_map_residual``.
+``refine``  like ``plain``, then refines its own fresh map before using it.
+``shared``  computes no queries/keys: refines the map handed on by the previous block
+            (the release alternates ``plain, shared, plain, shared, ...``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from refiner_pl.errors import UserInputError
+
+__all__ = [
+    "AttentionMaps",
+    "AttentionRefiner",
+    "RefinerViT",
+    "TokenLabelOutput",
+    "checkpoint_filter_fn",
+    "release_to_refiner_pl",
+]
+
+_logger = logging.getLogger(__name__)
+
+BlockType = Literal["plain", "refine", "shared"]
+BLOCK_TYPES: tuple[str, ...] = ("plain", "refine", "shared")
+RESIDUAL_SCALE = 0.5  # the release scales the residual branch input by 0.5 and its output by 2
+
+
+class AttentionMaps(NamedTuple):
+    """One block's attention maps, (B, H, N, N) each.
+
+    ``raw`` is the map the block computed (``plain``/``refine``) or was handed (``shared``);
+    ``refined`` is the map it actually multiplied with the values after refinement,
+    ``None`` for plain blocks.
+    """
+
+    raw: torch.Tensor
+    refined: torch.Tensor | None
+
+
+class TokenLabelOutput(NamedTuple):
+    """Training output for token labelling.
+
+    ``box`` is the MixToken box on the patch grid as ``(top, left, bottom, right)`` (``None``
+    when MixToken was off) and ``lam`` the share of the grid outside it, i.e. the weight of
+    each sample's own class target.
+    """
+
+    cls_logits: torch.Tensor
+    aux_logits: torch.Tensor
+    box: tuple[int, int, int, int] | None
+    lam: float
+
+
+class ConvStem(nn.Module):
+    """The release's convolutional patch stem: 7x7/2, 3x3, 3x3 convs with BN+ReLU, then a
+    (p/2)x(p/2) projection with stride p/2, so the grid is img / p."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, hidden, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, hidden * 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden * 2)
+        self.conv3 = nn.Conv2d(hidden * 2, hidden * 4, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(hidden * 4)
+        self.proj = nn.Conv2d(hidden * 4, embed_dim, patch_size // 2, stride=patch_size // 2)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn1(self.conv1(x)))
+        x = self.act(self.bn2(self.conv2(x)))
+        x = self.act(self.bn3(self.conv3(x)))
+        return self.proj(x)
+
+
+class LinearPatchEmbed(nn.Module):
+    """The plain ViT patch embedding: one p x p convolution with stride p."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class AttentionRefiner(nn.Module):
+    """Refine(A) = A + BN(reduce(ReLU6(BN(dwconv(ReLU6(BN(expand(A)))))))).
+
+    The (B, H, N, N) attention map is treated as an H-channel N x N image (query by key).
+    """
+
+    def __init__(self, num_heads: int, expansion: int = 3, kernel_size: int = 3) -> None:
+        super().__init__()
+        hidden = num_heads * expansion
+        self.expand = nn.Conv2d(num_heads, hidden, 1, bias=False)
+        self.expand_bn = nn.BatchNorm2d(hidden)
+        self.local = nn.Conv2d(
+            hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden, bias=False
+        )
+        self.local_bn = nn.BatchNorm2d(hidden)
+        self.reduce = nn.Conv2d(hidden, num_heads, 1, bias=False)
+        self.reduce_bn = nn.BatchNorm2d(num_heads)
+        self.act = nn.ReLU6(inplace=True)
+
+    def forward(self, attn: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.expand_bn(self.expand(attn)))
+        x = self.act(self.local_bn(self.local(x)))
+        return self.reduce_bn(self.reduce(x)) + attn
+
+
+class RefinerAttention(nn.Module):
+    """Multi-head attention of one block kind; returns the output and the map it hands on."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        block_type: str,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        refiner_expansion: int = 3,
+        refiner_kernel_size: int = 3,
+        attn_map_residual: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.block_type = block_type
+        self.attn_map_residual = attn_map_residual
+        if block_type == "shared":
+            self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        else:
+            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        if block_type in ("refine", "shared"):
+            self.refiner = AttentionRefiner(num_heads, refiner_expansion, refiner_kernel_size)
+            self.adapt_bn = nn.BatchNorm2d(num_heads)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        return x.reshape(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def refine(self, attn: torch.Tensor) -> torch.Tensor:
+        return self.adapt_bn(self.refiner(attn)) * self.scale
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        prev_map: torch.Tensor | None,
+        need_map: bool = True,
+        maps_out: list[AttentionMaps] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, tokens, dim = x.shape
+        if self.block_type == "shared":
+            if prev_map is None:
+                raise RuntimeError("a 'shared' block needs the attention map of the block before")
+            v = self._heads(self.v(x))
+            attn = self.refine(prev_map)
+            next_map = prev_map  # the unrefined map goes on
+            if maps_out is not None:
+                maps_out.append(AttentionMaps(prev_map, attn))
+        else:
+            q, k, v = self.qkv(x).reshape(batch, tokens, 3, dim).permute(2, 0, 1, 3)
+            q, k, v = self._heads(q), self._heads(k), self._heads(v)
+            add_prev = self.attn_map_residual and prev_map is not None
+            if self.block_type == "plain" and not (need_map or add_prev or maps_out is not None):
+                # Nobody reads this map: the fused kernel never materialises it.
+                drop = self.attn_drop.p if self.training else 0.0
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+                return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))), None
+            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+            if add_prev:
+                attn = attn + self.scale * prev_map
+            attn = self.attn_drop(attn)
+            next_map = attn
+            if self.block_type == "refine":
+                attn = self.refine(attn)
+            if maps_out is not None:
+                maps_out.append(AttentionMaps(next_map, attn if self.block_type == "refine" else None))
+        out = (attn @ v).transpose(1, 2).reshape(batch, tokens, dim)
+        return self.proj_drop(self.proj(out)), next_map
+
+
+class RefinerBlock(nn.Module):
+    """x + 2 * attn(LN(x / 2)), then x + 2 * gamma * MLP(LN(x / 2)), as released."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        block_type: str,
+        mlp_ratio: float = 3.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        init_values: float = 1e-5,
+        refiner_expansion: int = 3,
+        refiner_kernel_size: int = 3,
+        attn_map_residual: bool = True,
+    ) -> None:
+        super().__init__()
+        self.block_type = block_type
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = RefinerAttention(
+            dim,
+            num_heads,
+            block_type,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            refiner_expansion=refiner_expansion,
+            refiner_kernel_size=refiner_kernel_size,
+            attn_map_residual=attn_map_residual,
+        )
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        # The release multiplies the MLP output by gamma before its last dropout; an
+        # elementwise scale commutes with dropout, so timm's LayerScale after Mlp is the same.
+        self.ls2 = LayerScale(dim, init_values=init_values)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        prev_map: torch.Tensor | None,
+        need_map: bool = True,
+        maps_out: list[AttentionMaps] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, next_map = self.attn(self.norm1(x * RESIDUAL_SCALE), prev_map, need_map, maps_out)
+        x = x + self.drop_path1(y) / RESIDUAL_SCALE
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x * RESIDUAL_SCALE)))) / RESIDUAL_SCALE
+        return x, next_map
+
+
+def _freeze_batchnorm_stats(module: nn.Module) -> list[tuple[nn.modules.batchnorm._BatchNorm, Any]]:
+    """Set momentum 0 on every BatchNorm, so a recomputed forward leaves running stats alone."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            saved.append((m, m.momentum, m.num_batches_tracked.clone()))
+            m.momentum = 0.0
+    return saved
+
+
+def _run_checkpointed(block: RefinerBlock, x, prev_map, need_map):
+    """Activation checkpointing that keeps BatchNorm running statistics exact.
+
+    The backward pass re-runs the block's forward; the refiner's BatchNorms would then
+    update their running statistics twice per step. The first call updates them, the
+    recomputation does not.
+    """
+    calls = 0
+
+    def run(x_, prev_):
+        nonlocal calls
+        calls += 1
+        if calls == 1 or not block.training:
+            return block(x_, prev_, need_map)
+        saved = _freeze_batchnorm_stats(block)
+        try:
+            return block(x_, prev_, need_map)
+        finally:
+            for bn, momentum, tracked in saved:
+                bn.momentum = momentum
+                bn.num_batches_tracked.copy_(tracked)
+
+    return checkpoint(run, x, prev_map, use_reentrant=False)
+
+
+class RefinerViT(nn.Module):
+    """Refiner-ViT. Defaults are Refiner-ViT-S as released.
+
+    ``forward(x)`` returns class logits ``cls + 0.5 * max_tokens(aux)`` (only ``cls`` without
+    a token head) in train and eval mode alike; ``forward_train`` gives the token-labelling
+    output with MixToken; ``forward_cls`` gives class-token logits alone.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 384,
+        depth: int = 16,
+        num_heads: int = 12,
+        mlp_ratio: float = 3.0,
+        qkv_bias: bool = True,
+        block_types: Sequence[str] | None = None,
+        refiner: bool = True,
+        refiner_expansion: int = 3,
+        refiner_kernel_size: int = 3,
+        attn_map_residual: bool | None = None,
+        stem: Literal["conv", "linear"] = "conv",
+        token_head: bool = True,
+        aux_weight: float = 0.5,
+        init_values: float = 1e-5,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        mix_token: bool = True,
+        global_pool: str = "token",
+    ) -> None:
+        super().__init__()
+        img_size = to_2tuple(img_size)
+        self._check_args(img_size, patch_size, embed_dim, num_heads, stem, refiner_kernel_size)
+        block_types = self._resolve_block_types(block_types, depth, refiner)
+        if attn_map_residual is None:
+            attn_map_residual = refiner  # the plain-ViT baseline keeps blocks independent
+        if global_pool != "token":
+            raise UserInputError(
+                f"global_pool={global_pool!r} is not supported: Refiner-ViT classifies from "
+                "the class token; use global_pool='token'"
+            )
+        self.model_args: dict[str, Any] = {
+            "img_size": img_size,
+            "patch_size": patch_size,
+            "in_chans": in_chans,
+            "num_classes": num_classes,
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_heads": num_heads,
+            "mlp_ratio": mlp_ratio,
+            "qkv_bias": qkv_bias,
+            "block_types": list(block_types),
+            "refiner_expansion": refiner_expansion,
+            "refiner_kernel_size": refiner_kernel_size,
+            "attn_map_residual": attn_map_residual,
+            "stem": stem,
+            "token_head": token_head,
+            "aux_weight": aux_weight,
+            "init_values": init_values,
+        }
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.patch_size = patch_size
+        self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.aux_weight = aux_weight
+        self.mix_token = mix_token
+        self.global_pool = global_pool
+        self.grad_checkpointing = False
+        self.block_types = list(block_types)
+
+        stem_cls = ConvStem if stem == "conv" else LinearPatchEmbed
+        self.patch_embed = stem_cls(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        num_tokens = 1 + self.grid_size[0] * self.grid_size[1]
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            RefinerBlock(
+                embed_dim,
+                num_heads,
+                kind,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[i],
+                init_values=init_values,
+                refiner_expansion=refiner_expansion,
+                refiner_kernel_size=refiner_kernel_size,
+                attn_map_residual=attn_map_residual,
+            )
+            for i, kind in enumerate(block_types)
+        )
+        # A block's map is needed by the next one if that one refines it or adds it.
+        self._hands_on_map = [
+            nxt == "shared" or attn_map_residual for nxt in block_types[1:]
+        ] + [False]
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.aux_head: nn.Module | None = None
+        if token_head:
+            self.aux_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # ----------------------------------------------------------------- construction
+    @staticmethod
+    def _check_args(img_size, patch_size, embed_dim, num_heads, stem, kernel_size) -> None:
+        if stem not in ("conv", "linear"):
+            raise UserInputError(f"stem={stem!r} is unknown: use 'conv' or 'linear'")
+        if patch_size < 1 or (stem == "conv" and patch_size % 2):
+            raise UserInputError(
+                f"patch_size={patch_size} does not work with the {stem} stem: the conv stem "
+                "downsamples by 2 first, so use an even patch size (e.g. 16) or stem='linear'"
+            )
+        for side in img_size:
+            if side < patch_size or side % patch_size:
+                lower = max(patch_size, side // patch_size * patch_size)
+                raise UserInputError(
+                    f"img_size {side} is not divisible by patch_size {patch_size}: use a "
+                    f"multiple of {patch_size}, e.g. {lower} or {lower + patch_size}"
+                )
+        if embed_dim % num_heads:
+            raise UserInputError(
+                f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}: pick a "
+                "head count that divides the width"
+            )
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise UserInputError(
+                f"refiner_kernel_size={kernel_size} must be odd so the map keeps its size: "
+                "use 1, 3, 5, ..."
+            )
+
+    @staticmethod
+    def _resolve_block_types(block_types, depth: int, refiner: bool) -> list[str]:
+        if not refiner:
+            return ["plain"] * depth
+        if block_types is None:
+            return ["plain" if i % 2 == 0 else "shared" for i in range(depth)]
+        block_types = list(block_types)
+        if len(block_types) != depth:
+            raise UserInputError(
+                f"block_types has {len(block_types)} entries but depth is {depth}: give one "
+                "kind per block"
+            )
+        unknown = sorted(set(block_types) - set(BLOCK_TYPES))
+        if unknown:
+            raise UserInputError(
+                f"unknown block types {unknown}: each entry must be one of {list(BLOCK_TYPES)}"
+            )
+        if block_types[0] == "shared":
+            raise UserInputError(
+                "block_types[0] is 'shared', but a shared block refines the map of the block "
+                "before it: start with 'plain' or 'refine'"
+            )
+        return block_types
+
+    def init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_linear_and_norm)
+
+    # ----------------------------------------------------------------- timm model API
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(
+            stem=r"^cls_token|pos_embed|patch_embed",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None and global_pool != "token":
+            raise UserInputError("Refiner-ViT supports only global_pool='token'")
+        self.num_classes = num_classes
+        self.model_args["num_classes"] = num_classes
+        device = self.norm.weight.device
+        make = lambda: nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()  # noqa: E731
+        self.head = make().to(device)
+        if self.aux_head is not None:
+            self.aux_head = make().to(device)
+        for head in (self.head, self.aux_head):
+            if head is not None:
+                head.apply(_init_linear_and_norm)
+
+    # ----------------------------------------------------------------- forward
+    def _embed(self, x: torch.Tensor, mix_box: tuple[int, int, int, int] | None) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not split into {self.patch_size}px "
+                f"patches: resize or crop to a multiple of {self.patch_size}"
+            )
+        x = self.patch_embed(x)  # (B, D, gh, gw)
+        grid = x.shape[-2:]
+        if mix_box is not None:
+            top, left, bottom, right = mix_box
+            x = x.clone()
+            x[:, :, top:bottom, left:right] = x.flip(0)[:, :, top:bottom, left:right]
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        pos_embed = self.pos_embed
+        if tuple(grid) != self.grid_size:
+            pos_embed = resample_abs_pos_embed(
+                pos_embed, list(grid), list(self.grid_size), num_prefix_tokens=1
+            )
+        return self.pos_drop(x + pos_embed)
+
+    def _blocks(self, x: torch.Tensor, maps_out: list[AttentionMaps] | None = None) -> torch.Tensor:
+        prev_map = None
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled() and maps_out is None
+        for block, need_map in zip(self.blocks, self._hands_on_map, strict=True):
+            if checkpointing:
+                x, prev_map = _run_checkpointed(block, x, prev_map, need_map)
+            else:
+                x, prev_map = block(x, prev_map, need_map, maps_out)
+        return self.norm(x)
+
+    def forward_features(
+        self, x: torch.Tensor, mix_box: tuple[int, int, int, int] | None = None
+    ) -> torch.Tensor:
+        """Tokens (B, 1 + G*G, D) after the final norm; ``mix_box`` applies MixToken."""
+        return self._blocks(self._embed(x, mix_box))
+
+    def forward_head(
+        self, x: torch.Tensor, pre_logits: bool = False, cls_only: bool = False
+    ) -> torch.Tensor:
+        cls = self.head_drop(x[:, 0])
+        if pre_logits:
+            return cls
+        logits = self.head(cls)
+        if self.aux_head is None or cls_only:
+            return logits
+        aux = self.aux_head(x[:, self.num_prefix_tokens :])
+        return logits + self.aux_weight * aux.max(dim=1).values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
+        """Class-token logits alone, without the token head."""
+        return self.forward_head(self.forward_features(x), cls_only=True)
+
+    def forward_attention_maps(self, x: torch.Tensor) -> list[AttentionMaps]:
+        """Every block's raw and refined maps for input ``x``; the forward is unchanged."""
+        maps: list[AttentionMaps] = []
+        self._blocks(self._embed(x, None), maps_out=maps)
+        return maps
+
+    def sample_mix_box(self, grid: Sequence[int]) -> tuple[tuple[int, int, int, int], float]:
+        """MixToken box on a (gh, gw) grid: lam ~ Beta(1, 1), sides sqrt(1 - lam) of the grid,
+        uniform centre, clipped. Returns the box and the kept share lam' = 1 - area / (gh*gw)."""
+        gh, gw = grid
+        lam = torch.rand(()).item()  # Beta(1, 1) is uniform
+        cut = math.sqrt(1.0 - lam)
+        cut_h, cut_w = int(gh * cut), int(gw * cut)
+        cy, cx = torch.randint(gh, ()).item(), torch.randint(gw, ()).item()
+        top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, gh)
+        left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, gw)
+        kept = 1.0 - (bottom - top) * (right - left) / (gh * gw)
+        return (top, left, bottom, right), kept
+
+    def forward_train(self, x: torch.Tensor, mix_token: bool | None = None) -> TokenLabelOutput:
+        """Token-labelling output: class logits, per-patch logits (B, G*G, C), MixToken box.
+
+        MixToken (default: the model's ``mix_token``) only ever applies in training mode. The
+        patch logits inside the box are swapped back, so each lines up with its own image.
+        """
+        if self.aux_head is None:
+            raise UserInputError(
+                "forward_train needs the token head: build the model with token_head=True"
+            )
+        mix_token = self.mix_token if mix_token is None else mix_token
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        box, lam = None, 1.0
+        if mix_token and self.training:
+            box, lam = self.sample_mix_box(grid)
+        tokens = self.forward_features(x, box)
+        cls_logits = self.head(self.head_drop(tokens[:, 0]))
+        aux_logits = self.aux_head(tokens[:, self.num_prefix_tokens :])
+        if box is not None:
+            top, left, bottom, right = box
+            aux = aux_logits.reshape(x.shape[0], grid[0], grid[1], -1).clone()
+            aux[:, top:bottom, left:right] = aux.flip(0)[:, top:bottom, left:right]
+            aux_logits = aux.reshape(x.shape[0], grid[0] * grid[1], -1)
+        return TokenLabelOutput(cls_logits, aux_logits, box, lam)
+
+    # ----------------------------------------------------------------- loading
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint trained on another grid (e.g. 224 -> 448 fine-tuning) gets its position
+        # embedding resampled, never silently re-initialised.
+        key = prefix + "pos_embed"
+        if key in state_dict and state_dict[key].shape != self.pos_embed.shape:
+            state_dict[key] = resample_pos_embed(state_dict[key], self.grid_size)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _init_linear_and_norm(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid_size: Sequence[int]) -> torch.Tensor:
+    """Bicubically resample a (1, 1 + g*g, D) position embedding to ``grid_size``.
+
+    The stored grid is taken as square (all released and preset grids are).
+    """
+    old_tokens = pos_embed.shape[1] - 1
+    old = int(math.isqrt(old_tokens))
+    if old * old != old_tokens:
+        raise UserInputError(
+            f"pos_embed has {old_tokens} patch tokens, which is not a square grid: this "
+            "checkpoint was not trained on square images and cannot be resampled automatically"
+        )
+    if [old, old] == list(grid_size):
+        return pos_embed
+    _logger.info("Resampling pos_embed from a %dx%d grid to %s", old, old, tuple(grid_size))
+    return resample_abs_pos_embed(
+        pos_embed.float(), list(grid_size), [old, old], num_prefix_tokens=1
+    ).to(pos_embed.dtype)
+
+
+# ----------------------------------------------------------------- release conversion
+_RELEASE_RENAMES = (
+    (".attn.DLA.conv_exp.", ".attn.refiner.expand."),
+    (".attn.DLA.bn1.", ".attn.refiner.expand_bn."),
+    (".attn.DLA.depth_sep_conv.", ".attn.refiner.local."),
+    (".attn.DLA.bn2.", ".attn.refiner.local_bn."),
+    (".attn.DLA.conv_pro.", ".attn.refiner.reduce."),
+    (".attn.DLA.bn3.", ".attn.refiner.reduce_bn."),
+    (".mlp.scale_channel", ".ls2.gamma"),
+)
+
+
+def release_to_refiner_pl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the release's keys to ours; a state dict already in our naming passes through.
+
+    A shared block's value projection is stored as ``attn.qkv`` with a (D, D) weight in the
+    release; it becomes ``attn.v``.
+    """
+    out = {}
+    width = state_dict["cls_token"].shape[-1] if "cls_token" in state_dict else None
+    for key, value in state_dict.items():
+        new = key
+        for old, replacement in _RELEASE_RENAMES:
+            new = new.replace(old, replacement)
+        if ".attn.qkv." in new and new.endswith((".weight", ".bias")) and value.shape[0] == width:
+            new = new.replace(".attn.qkv.", ".attn.v.")
+        out[new] = value
+    return out
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: RefinerViT) -> dict[str, Any]:
+    """timm's hook for foreign checkpoints: unwrap, rename release keys, fit pos_embed."""
+    from refiner_pl.models.checkpoint import unwrap_state_dict
+
+    state_dict = release_to_refiner_pl(unwrap_state_dict(state_dict))
+    if "pos_embed" in state_dict:
+        state_dict["pos_embed"] = resample_pos_embed(state_dict["pos_embed"], model.grid_size)
+    return state_dict
+
+
+# ----------------------------------------------------------------- presets
+def _cfg(crop_pct: float, input_size: int = 224, **kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, input_size, input_size),
+        "pool_size": None,
+        "crop_pct": crop_pct,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "first_conv": "patch_embed.conv1",
+        "classifier": ("head", "aux_head"),
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+# The release's weights are not on any hub: load a downloaded file with
+# `from_official_checkpoint(path)` or `pretrained=True, pretrained_cfg_overlay={"file": path}`.
+default_cfgs = generate_default_cfgs(
+    {
+        "refiner_vit_tiny.untrained": _cfg(
+            crop_pct=1.0, input_size=32, num_classes=10, first_conv="patch_embed.conv1"
+        ),
+        "refiner_vit_s.release_in1k": _cfg(crop_pct=0.9),
+        "refiner_vit_m.release_in1k": _cfg(crop_pct=1.0),
+        "refiner_vit_l.release_in1k": _cfg(crop_pct=1.13),
+        "refiner_vit_l.release_in1k_448": _cfg(crop_pct=1.13, input_size=448),
+    }
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU quickstart size: 32 px digits/CIFAR, 8x8 patch grid.
+    "refiner_vit_tiny": dict(
+        img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10
+    ),
+    "refiner_vit_s": dict(embed_dim=384, depth=16, num_heads=12, mlp_ratio=3.0),
+    "refiner_vit_m": dict(embed_dim=420, depth=32, num_heads=12, mlp_ratio=3.0),
+    "refiner_vit_l": dict(embed_dim=512, depth=32, num_heads=16, mlp_ratio=3.0),
+}
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> RefinerViT:
+    return build_model_with_cfg(
+        RefinerViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        **{**PRESETS[variant], **kwargs},
+    )
+
+
+@register_model
+def refiner_vit_tiny(pretrained: bool = False, **kwargs: Any) -> RefinerViT:
+    """A 4-block Refiner-ViT (width 64) for CPU quickstarts on 32 px images."""
+    return _create("refiner_vit_tiny", pretrained, **kwargs)
+
+
+@register_model
+def refiner_vit_s(pretrained: bool = False, **kwargs: Any) -> RefinerViT:
+    """Refiner-ViT-S: 16 blocks, width 384, 12 heads (83.6% ImageNet top-1 at 224)."""
+    return _create("refiner_vit_s", pretrained, **kwargs)
+
+
+@register_model
+def refiner_vit_m(pretrained: bool = False, **kwargs: Any) -> RefinerViT:
+    """Refiner-ViT-M: 32 blocks, width 420, 12 heads (84.6% at 224)."""
+    return _create("refiner_vit_m", pretrained, **kwargs)
+
+
+@register_model
+def refiner_vit_l(pretrained: bool = False, **kwargs: Any) -> RefinerViT:
+    """Refiner-ViT-L: 32 blocks, width 512, 16 heads (84.9% at 224, 86.0% at 448)."""
+    return _create("refiner_vit_l", pretrained, **kwargs)
