@@ -85,7 +85,13 @@ def _block_indices(state_dict: Mapping[str, torch.Tensor]) -> list[int]:
 
 def infer_model_args(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Read the whole architecture off the tensors of a state dict in our naming."""
-    needed = ("cls_token", "pos_embed", "norm.weight", "blocks.0.norm1.weight", "blocks.0.ls2.gamma")
+    needed = (
+        "cls_token",
+        "pos_embed",
+        "norm.weight",
+        "blocks.0.norm1.weight",
+        "blocks.0.ls2.gamma",
+    )
     missing = [k for k in needed if k not in state_dict]
     if missing:
         hint = ""
@@ -99,7 +105,9 @@ def infer_model_args(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     blocks = _block_indices(state_dict)
     depth = len(blocks)
     if blocks != list(range(depth)):
-        raise UserInputError(f"blocks {blocks} are not numbered 0..{depth - 1}: the file is damaged")
+        raise UserInputError(
+            f"blocks {blocks} are not numbered 0..{depth - 1}: the file is damaged"
+        )
 
     block_types, num_heads, expansion, kernel = [], None, 3, 3
     for i in blocks:
@@ -162,7 +170,9 @@ def _build_and_load(
             head.shape[0],
             model.num_classes,
         )
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("head.", "aux_head."))}
+        state_dict = {
+            k: v for k, v in state_dict.items() if not k.startswith(("head.", "aux_head."))
+        }
         expected_missing = {k for k in model.state_dict() if k.startswith(("head.", "aux_head."))}
     else:
         expected_missing = set()
@@ -220,7 +230,9 @@ def save_model(model: RefinerViT, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_model(path_or_payload: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> RefinerViT:
+def load_model(
+    path_or_payload: str | os.PathLike | Mapping[str, Any], **overrides: Any
+) -> RefinerViT:
     """Load a model saved by :func:`save_model`; ``overrides`` change its construction."""
     if isinstance(path_or_payload, Mapping):
         source, payload = "the model file", path_or_payload
@@ -231,7 +243,9 @@ def load_model(path_or_payload: str | os.PathLike | Mapping[str, Any], **overrid
             f"{source} is not a refiner_pl model file: use from_official_checkpoint() for "
             "release checkpoints"
         )
-    return _build_and_load(dict(payload["state_dict"]), {**payload["model_args"], **overrides}, source)
+    return _build_and_load(
+        dict(payload["state_dict"]), {**payload["model_args"], **overrides}, source
+    )
 
 
 def count_parameters(model: nn.Module) -> int:

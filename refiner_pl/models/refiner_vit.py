@@ -192,7 +192,9 @@ class RefinerAttention(nn.Module):
                 # Nobody reads this map: the fused kernel never materialises it.
                 drop = self.attn_drop.p if self.training else 0.0
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
-                return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))), None
+                return self.proj_drop(
+                    self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+                ), None
             attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
             if add_prev:
                 attn = attn + self.scale * prev_map
@@ -201,7 +203,9 @@ class RefinerAttention(nn.Module):
             if self.block_type == "refine":
                 attn = self.refine(attn)
             if maps_out is not None:
-                maps_out.append(AttentionMaps(next_map, attn if self.block_type == "refine" else None))
+                maps_out.append(
+                    AttentionMaps(next_map, attn if self.block_type == "refine" else None)
+                )
         out = (attn @ v).transpose(1, 2).reshape(batch, tokens, dim)
         return self.proj_drop(self.proj(out)), next_map
 
@@ -397,9 +401,9 @@ class RefinerViT(nn.Module):
             for i, kind in enumerate(block_types)
         )
         # A block's map is needed by the next one if that one refines it or adds it.
-        self._hands_on_map = [
-            nxt == "shared" or attn_map_residual for nxt in block_types[1:]
-        ] + [False]
+        self._hands_on_map = [nxt == "shared" or attn_map_residual for nxt in block_types[1:]] + [
+            False
+        ]
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
