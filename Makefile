@@ -1,0 +1,33 @@
+# make train: the CPU quickstart (offline digits, a few minutes); make test: the test suite.
+# Both create .venv with plain pip on first use; a stamp file skips the install afterwards
+# until pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: train test lint install clean
+
+train: $(STAMP)
+	$(BIN)/python cli.py fit --config configs/quickstart.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

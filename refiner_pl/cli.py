@@ -1,0 +1,385 @@
+"""`RefinerCLI`: the LightningCLI behind ``python cli.py {fit,validate,test,predict}``.
+
+Beyond stock LightningCLI it
+
+* links ``data.num_classes`` / ``data.img_size`` into the model, so they are never typed twice;
+* adds configurable ``checkpoint`` (best by ``val/acc1``), ``last_checkpoint``
+  (``last.ckpt``, every epoch) and ``lr_monitor`` sections, and logs with TensorBoard to
+  ``runs/<name>/version_<n>/`` (checkpoints in its ``checkpoints/`` folder);
+* resolves ``--ckpt_path best`` / ``last`` to the newest run under that folder, also in a new
+  process (stock Lightning only knows "best" right after ``fit`` in the same process), and
+  resumes ``fit --ckpt_path ...`` inside the run folder it came from;
+* reports every bad option, config value or `UserInputError` as one ``error: ...`` line
+  (exit status 2) instead of a usage dump or a traceback.
+
+Checkpoints define the model: with ``--ckpt_path`` Lightning replaces the ``model`` arguments
+by the hyperparameters stored in the checkpoint (the weights only fit the architecture they
+were trained with). A warning names every given model value that was replaced this way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import lightning as L
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from refiner_pl.data import ClassificationDataModule
+from refiner_pl.errors import UserInputError
+from refiner_pl.module import ImageClassifier
+
+CKPT_ALIASES = ("best", "last")
+LINKED = ("num_classes", "img_size")  # model arguments that come from the datamodule
+
+
+class RefinerArgumentParser(LightningArgumentParser):
+    """Reports a bad option or config value as a single ``error: ...`` line (exit status 2).
+
+    Set the environment variable ``JSONARGPARSE_DEBUG=true`` for jsonargparse's full report.
+    """
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or "JSONARGPARSE_DEBUG" in os.environ:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {_one_line(message)} (see: {prog} --help)\n")
+        self.exit(2)
+
+
+class RefinerCLI(LightningCLI):
+    """LightningCLI for `ImageClassifier` models and `ClassificationDataModule` data.
+
+    Both are chosen by ``class_path`` in the config (subclasses included); for the model it
+    may be left out, e.g. ``--model.model_name refiner_vit_tiny``.
+    """
+
+    def __init__(self, args: ArgsType = None, **kwargs: Any) -> None:
+        defaults: dict[str, Any] = {
+            "subclass_mode_model": True,
+            "subclass_mode_data": True,
+            "seed_everything_default": 42,
+            # resuming writes into the run folder it came from, config.yaml included
+            "save_config_kwargs": {"overwrite": True},
+            # the module builds its own optimizer and schedule from typed hyperparameters
+            "auto_configure_optimizers": False,
+            "parser_class": RefinerArgumentParser,
+        }
+        super().__init__(ImageClassifier, ClassificationDataModule, args=args, **defaults | kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for key in LINKED:
+            parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
+        # Best checkpoint by val/acc1 and, separately, the latest one as last.ckpt: since
+        # Lightning 2.6 `save_last` only copies a checkpoint that top-k saved, so with
+        # save_top_k=1 last.ckpt would stay at the best epoch and resuming would go back.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc1",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "epoch={epoch}-val_acc1={val/acc1:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults(
+            {
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.monitor": None,
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.enable_version_counter": False,
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.set_defaults(
+            {
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    # runs/<name>/version_<n>/{checkpoints/,config.yaml,events...}
+                    "init_args": {
+                        "save_dir": "runs",
+                        "name": "default",
+                        "default_hp_metric": False,
+                    },
+                }
+            }
+        )
+
+    # ------------------------------------------------------------------- checkpoint paths
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        if config.get("ckpt_path") in CKPT_ALIASES:
+            _resolve_ckpt_alias(config, subcommand)
+        if subcommand == "fit" and config.get("ckpt_path") not in (None, *CKPT_ALIASES):
+            _resume_in_place(config)
+        # What the user asked for, to tell them which values the checkpoint replaces.
+        model = config.get("model")
+        self._given_model_args = dict(vars(model.init_args)) if model else {}
+
+    def before_instantiate_classes(self) -> None:
+        if not self.subcommand or not self.config[self.subcommand].get("ckpt_path"):
+            return
+        restored = vars(self.config[self.subcommand].model.init_args)
+        replaced = [
+            f"model.{key}={given!r} -> {restored[key]!r}"
+            for key, given in self._given_model_args.items()
+            if key in restored and key not in LINKED and restored[key] != given
+        ]
+        if replaced:
+            rank_zero_warn(
+                "ckpt_path: the checkpoint's hyperparameters replace the given model arguments "
+                f"({', '.join(replaced)}); the weights only fit the model they were trained with"
+            )
+        self._ckpt_linked_args = {key: restored.get(key) for key in LINKED}
+
+    def after_instantiate_classes(self) -> None:
+        # Linked values come from the datamodule and win over the checkpoint's: a mismatch
+        # would only surface later as a state_dict shape error.
+        for key, trained in getattr(self, "_ckpt_linked_args", {}).items():
+            current = self.model.hparams.get(key)
+            if trained is not None and current is not None and trained != current:
+                raise UserInputError(
+                    f"the checkpoint's model was trained with {key}={trained} but the datamodule "
+                    f"gives {key}={current}; use the data it was trained on (data.{key}={trained})"
+                )
+
+    # ----------------------------------------------------------------------- fit checks
+    def before_fit(self) -> None:
+        """Catches a schedule that cannot fit the run before any folder is written."""
+        trainer, hp = self.trainer, self.model.hparams
+        if not trainer.loggers:  # --trainer.logger false: nothing to log the lr to
+            trainer.callbacks = [
+                c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)
+            ]
+        if trainer.fast_dev_run or trainer.max_steps != -1 or hp.get("sched") == "none":
+            return
+        epochs = trainer.max_epochs
+        span = hp.get("warmup_epochs", 0) + hp.get("cooldown_epochs", 0)
+        if epochs is not None and 0 < epochs <= span:
+            raise UserInputError(
+                f"model.warmup_epochs + model.cooldown_epochs ({span:g}) leave no epoch for the "
+                f"schedule in trainer.max_epochs={epochs}; raise max_epochs or shorten warmup"
+            )
+
+    def before_predict(self) -> None:
+        if not is_overridden("predict_dataloader", self.datamodule, L.LightningDataModule):
+            raise UserInputError(
+                f"{type(self.datamodule).__name__} defines no predict_dataloader(); choose a "
+                "datamodule with one, or use `test` for labelled data"
+            )
+        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter())
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Saves what `predict` returns to ``<log_dir>/predictions.pt`` (one file per rank).
+
+    The file holds a dict: ``probs`` (N, num_classes) class probabilities, ``index`` (N,) the
+    dataset index of each row (rows follow the sampler, which may differ from dataset order
+    under DDP) and ``class_names`` when the datamodule has them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        predictions: Any,
+        batch_indices: Any,
+    ) -> None:
+        # Per dataloader: `batch_indices` always, `predictions` only when there are several.
+        if predictions and isinstance(predictions[0], list):
+            predictions = predictions[0]  # the first dataloader
+        if not predictions:
+            return
+        index = [i for batch in batch_indices[0] for i in batch] if batch_indices else []
+        suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        path = Path(trainer.log_dir or ".") / f"predictions{suffix}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probs = torch.cat([p.float().cpu() for p in predictions])
+        torch.save(
+            {
+                "probs": probs,
+                "index": torch.tensor(index, dtype=torch.long),
+                "class_names": getattr(trainer.datamodule, "class_names", None),
+            },
+            path,
+        )
+        print(f"saved {len(probs)} predictions to {path}")
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of ``cli.py``; a `UserInputError` becomes one ``error:`` line, exit 2."""
+    try:
+        RefinerCLI(args=args)
+    except Exception as err:
+        user_error = _find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# ------------------------------------------------------------------------------ helpers
+def _resolve_ckpt_alias(config: Namespace, subcommand: str) -> None:
+    """Replaces ``ckpt_path: best|last`` by that checkpoint of the newest run with one."""
+    alias = config.ckpt_path
+    ckpt_dir = _checkpoint_dir(config)
+    if ckpt_dir is None:
+        if subcommand == "fit" and alias == "last":
+            return  # Lightning's own "last": resume if the new run folder has one, else start
+        raise UserInputError(
+            f"ckpt_path {alias!r}: found no run with checkpoints in {_describe_runs(config)}; "
+            "train one with `fit` first or pass a checkpoint file"
+        )
+    if alias == "last":
+        path = ckpt_dir / f"{config.last_checkpoint.filename or 'last'}.ckpt"
+        if not path.is_file():
+            raise UserInputError(
+                f"ckpt_path 'last': {ckpt_dir} has no {path.name}; pass a checkpoint file"
+            )
+    else:
+        path = _best_checkpoint(ckpt_dir)
+    config.ckpt_path = str(path)
+    rank_zero_info(f"ckpt_path {alias!r} resolved to {path}")
+
+
+def _resume_in_place(config: Namespace) -> None:
+    """`fit` from ``<runs>/version_<n>/checkpoints/x.ckpt`` logs on into ``version_<n>``."""
+    logger_args = _logger_args(config)
+    if logger_args is None or logger_args.get("version") is not None:
+        return
+    ckpt = Path(config.ckpt_path).resolve()
+    run = ckpt.parent.parent
+    if (
+        ckpt.parent.name == "checkpoints"
+        and run.parent == _runs_root(config).resolve()
+        and _version_number(run) is not None
+    ):
+        logger_args.version = _version_number(run)
+        rank_zero_info(f"resuming into {run}")
+
+
+def _logger_args(config: Namespace) -> Namespace | None:
+    """init_args of the (first) logger when it writes under a save_dir, as TensorBoard does."""
+    logger = config.trainer.get("logger")
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    if isinstance(logger, Namespace) and isinstance(logger.get("init_args"), Namespace):
+        if logger.init_args.get("save_dir"):
+            return logger.init_args
+    return None
+
+
+def _runs_root(config: Namespace) -> Path:
+    args = _logger_args(config)
+    assert args is not None
+    return Path(args.save_dir) / (args.get("name") or "")
+
+
+def _version_number(run: Path) -> int | None:
+    number = run.name.removeprefix("version_")
+    return int(number) if run.name.startswith("version_") and number.isdigit() else None
+
+
+def _describe_runs(config: Namespace) -> str:
+    if config.checkpoint.get("dirpath"):
+        return str(config.checkpoint.dirpath)
+    return f"{_runs_root(config)}/version_*/checkpoints"
+
+
+def _checkpoint_dir(config: Namespace) -> Path | None:
+    """Checkpoint folder of the newest run that has a checkpoint (None if there is none)."""
+    if config.checkpoint.get("dirpath"):
+        runs = [Path(config.checkpoint.dirpath)]
+    else:
+        args = _logger_args(config)
+        if args is None:
+            raise UserInputError(
+                "ckpt_path 'best'/'last' needs a logger with a save_dir (trainer.logger) or "
+                "checkpoint.dirpath to find the runs; pass a checkpoint file instead"
+            )
+        root, version = _runs_root(config), args.get("version")
+        if version is not None:  # a fixed run folder: look only there
+            runs = [root / (version if isinstance(version, str) else f"version_{version}")]
+        else:
+            numbered = [(_version_number(run), run) for run in root.glob("version_*")]
+            runs = [run for number, run in sorted(numbered, reverse=True) if number is not None]
+        runs = [run / "checkpoints" for run in runs]
+    return next((run for run in runs if any(run.glob("*.ckpt"))), None)
+
+
+def _best_checkpoint(ckpt_dir: Path) -> Path:
+    """The best checkpoint recorded by ModelCheckpoint in the newest file of `ckpt_dir`."""
+    newest = max(ckpt_dir.glob("*.ckpt"), key=lambda path: path.stat().st_mtime)
+    state = torch.load(newest, map_location="cpu", weights_only=True, mmap=True)
+    for key, callback in state.get("callbacks", {}).items():
+        if not key.startswith("ModelCheckpoint") or callback.get("monitor") is None:
+            continue  # the last_checkpoint callback also records a "best" path: its latest
+        best = Path(callback.get("best_model_path") or "").name
+        if best and (ckpt_dir / best).is_file():
+            return ckpt_dir / best
+    raise UserInputError(
+        f"ckpt_path 'best': no best checkpoint recorded in {ckpt_dir} (is checkpoint.monitor "
+        "set?); pass a checkpoint file or use 'last'"
+    )
+
+
+def _find_user_error(err: BaseException | None) -> UserInputError | None:
+    """The UserInputError behind `err` (jsonargparse wraps errors raised while instantiating)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserInputError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _one_line(message: str) -> str:
+    """Condenses jsonargparse's nested multi-line report to ``key.path: first reason``."""
+    keys: list[str] = []
+    reason = given = None
+    for raw in message.splitlines():
+        line = raw.strip().lstrip("-").strip()
+        match = re.match(r'Parser key "([^"]+)":\s*(.*)$', line)
+        if match and reason is None:
+            keys.append(match.group(1))
+            reason = match.group(2) or None
+        elif line.startswith("Given value:"):
+            given = given or line.removeprefix("Given value:").strip()
+        elif line and reason is None and not line.startswith(_NOISE):
+            reason = line
+    if not keys:
+        return " ".join(message.split())
+    text = f"{'.'.join(keys)}: {reason or 'invalid value'}"
+    if given and "Got value" not in text and not given.startswith(("NestedArg(", "{", "[")):
+        text += f" (got {given!r})"
+    return text
+
+
+_NOISE = (
+    "Does not validate against any of the",
+    "Subtypes:",
+    "Errors:",
+    "Given value",
+    "Expected a <class 'NoneType'>",
+    "Problem with given class_path",
+)

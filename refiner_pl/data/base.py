@@ -1,0 +1,200 @@
+"""Shared LightningDataModule for image classification.
+
+Subclasses validate their inputs in ``__init__`` (cheap filesystem checks only, so a wrong
+config fails before training starts), build datasets in :meth:`_build_split` and inherit the
+dataloaders from here.
+"""
+
+import inspect
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import lightning as L
+import torch
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader, Dataset
+
+from refiner_pl.errors import UserInputError
+
+Split = Literal["train", "val", "test"]
+
+# Which splits each Trainer stage needs, so e.g. `validate` never scans the train folder.
+_STAGE_SPLITS: dict[str | None, tuple[Split, ...]] = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": (),
+    None: ("train", "val", "test"),
+}
+
+
+def check_triplet(name: str, value: Sequence[float], positive: bool = False) -> tuple[float, ...]:
+    """Returns `value` as a 3-tuple of floats or raises UserInputError naming `name`."""
+    values = tuple(float(v) for v in value)
+    if len(values) != 3:
+        raise UserInputError(
+            f"{name} has {len(values)} values {list(values)}: give one per RGB channel, "
+            f"e.g. --data.{name} '[0.5, 0.5, 0.5]'"
+        )
+    if positive and min(values) <= 0:
+        raise UserInputError(f"{name} {list(values)} has a value <= 0: every entry must be > 0")
+    return values
+
+
+class ClassificationDataModule(L.LightningDataModule, ABC):
+    """Base for image classification datamodules.
+
+    Batches are ``(images, targets)`` with float32 images of shape ``(B, 3, img_size, img_size)``
+    normalised by :attr:`mean` / :attr:`std`, and int64 class indices. The train loader
+    shuffles and drops the last incomplete batch; val/test loaders do neither. Under
+    multi-device strategies Lightning swaps in its DistributedSampler automatically.
+
+    Args:
+        data_dir: Dataset root directory.
+        img_size: Square side length of the images the model sees.
+        batch_size: Batch size per device.
+        num_workers: Dataloader worker processes per device (0 loads in the main process).
+        pin_memory: Pin host memory for faster host-to-GPU copies (only used when CUDA is
+            available).
+        persistent_workers: Keep workers alive between epochs (only when num_workers > 0).
+        mean: Per-channel normalisation mean; None uses the dataset's default.
+        std: Per-channel normalisation std; None uses the dataset's default.
+        crop_pct: Eval centre-crop fraction: resize the short side to img_size / crop_pct,
+            then centre-crop img_size; None uses the dataset's default.
+        interpolation: Resize interpolation for evaluation (and resizing in general).
+    """
+
+    default_mean: ClassVar[tuple[float, float, float]] = IMAGENET_DEFAULT_MEAN
+    default_std: ClassVar[tuple[float, float, float]] = IMAGENET_DEFAULT_STD
+    default_crop_pct: ClassVar[float] = DEFAULT_CROP_PCT
+
+    def __init__(
+        self,
+        data_dir: str | None,
+        img_size: int = 224,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        crop_pct: float | None = None,
+        interpolation: str = "bicubic",
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise UserInputError(f"batch_size is {batch_size}: it must be >= 1 (images per device)")
+        if num_workers < 0:
+            raise UserInputError(
+                f"num_workers is {num_workers}: it must be >= 0 (0 loads data in the main process)"
+            )
+        if img_size < 1:
+            raise UserInputError(f"img_size is {img_size}: it must be a positive side length")
+        # Above 1 the resized image is smaller than the crop and gets a zero border; the
+        # Refiner-ViT-L release evaluates that way (crop_pct 1.13), so up to 2 is accepted.
+        if crop_pct is not None and not 0 < crop_pct <= 2:
+            raise UserInputError(
+                f"crop_pct is {crop_pct}: it must be in (0, 2], e.g. 0.875 (resize 256, crop 224)"
+            )
+        self.data_dir = data_dir
+        # Public and mutable: Lightning's batch-size finder tunes `datamodule.batch_size`.
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.crop_pct = self.default_crop_pct if crop_pct is None else crop_pct
+        self.interpolation = interpolation
+        self._img_size = img_size
+        self._mean = None if mean is None else check_triplet("mean", mean)
+        self._std = None if std is None else check_triplet("std", std, positive=True)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self._built: set[Split] = set()
+        # Collects the init args of the whole subclass chain, restricted to the concrete
+        # class's signature so `load_from_checkpoint` can pass them all back to it.
+        own_args = [name for name in inspect.signature(type(self).__init__).parameters][1:]
+        self.save_hyperparameters(*own_args)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, known right after ``__init__`` (no ``setup()`` needed)."""
+        return len(self.class_names)
+
+    @property
+    @abstractmethod
+    def class_names(self) -> list[str]:
+        """Human-readable class names, indexed by class id."""
+
+    @property
+    def img_size(self) -> int:
+        """Side length of the square images in every batch."""
+        return self._img_size
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel normalisation mean applied to every split."""
+        return self.default_mean if self._mean is None else self._mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """Per-channel normalisation std applied to every split."""
+        return self.default_std if self._std is None else self._std
+
+    @abstractmethod
+    def _build_split(self, split: Split) -> Dataset | None:
+        """Returns the dataset for `split`, or None when the dataset has no such split."""
+
+    def setup(self, stage: str | None = None) -> None:
+        """Builds the splits `stage` needs (all for None); repeated calls reuse them."""
+        for split in _STAGE_SPLITS[stage]:
+            self._ensure_split(split)
+        if stage == "test" and self.test_set is None:
+            self._ensure_split("val")  # the test loader falls back to val
+
+    def _ensure_split(self, split: Split) -> None:
+        if split not in self._built:
+            setattr(self, f"{split}_set", self._build_split(split))
+            self._built.add(split)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; the last incomplete batch is dropped."""
+        dataset = self._require(self.train_set, "train", "fit")
+        # With drop_last, fewer samples than one batch would silently train on nothing.
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        per_device = math.ceil(len(dataset) / world_size)
+        if per_device < self.batch_size:
+            raise UserInputError(
+                f"the train split has {len(dataset)} images ({per_device} per device), fewer than "
+                f"batch_size {self.batch_size}, so no full batch exists: lower --data.batch_size"
+            )
+        return self._loader(dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in dataset order."""
+        return self._loader(self._require(self.val_set, "val", "validate"), train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches; falls back to the val split when the dataset has no test split."""
+        dataset = self.test_set if self.test_set is not None else self.val_set
+        return self._loader(self._require(dataset, "test", "test"), train=False)
+
+    def _require(self, dataset: Dataset | None, split: str, stage: str) -> Dataset:
+        if dataset is None:
+            raise RuntimeError(f"the {split} split is not built: call setup('{stage}') first")
+        return dataset
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        # No sampler here: Lightning injects a DistributedSampler (keeping `shuffle`) under DDP.
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            # Pinning needs CUDA; on CPU-only hosts torch would only warn about it.
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )

@@ -1,0 +1,233 @@
+"""Folder-per-class datasets (``torchvision.datasets.ImageFolder``), ImageNet included."""
+
+import os
+from collections import Counter
+from functools import cache, cached_property
+from pathlib import Path
+from typing import ClassVar
+
+from timm.data import ImageNetInfo
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
+
+from refiner_pl.data.base import ClassificationDataModule, Split
+from refiner_pl.data.transforms import build_eval_transform, build_train_transform
+from refiner_pl.errors import UserInputError
+
+
+def _has_image(folder: Path) -> bool:
+    """Whether `folder` or a sub-folder (ImageFolder searches recursively) holds an image.
+
+    Stops at the first image, so checking all of ImageNet's class folders stays cheap.
+    """
+    subfolders = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir():
+                subfolders.append(Path(entry.path))
+            elif has_file_allowed_extension(entry.name, IMG_EXTENSIONS):
+                return True
+    return any(_has_image(sub) for sub in subfolders)
+
+
+def _preview(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+class ImageFolderDataModule(ClassificationDataModule):
+    """Any folder-per-class dataset: ``data_dir/{train,val}/<class>/<image>``, optional ``test/``.
+
+    Class names are the ``train/`` folder names (sorted, as ImageFolder indexes them);
+    ``val/`` and ``test/`` must have exactly the same class folders. Without ``test/`` the
+    test loader uses ``val/``. Images of any mode are converted to RGB.
+
+    Args:
+        data_dir: Root holding ``train/`` and ``val/`` (and optionally ``test/``).
+        img_size: Square side length of the images the model sees.
+        batch_size: Batch size per device.
+        num_workers: Dataloader worker processes per device.
+        pin_memory: Pin host memory (only used when CUDA is available).
+        persistent_workers: Keep workers alive between epochs (only when num_workers > 0).
+        mean: Normalisation mean; None uses the ImageNet mean.
+        std: Normalisation std; None uses the ImageNet std.
+        crop_pct: Eval resize is img_size / crop_pct before the centre crop; None uses 0.875.
+        interpolation: Eval resize interpolation.
+        scale: RandomResizedCrop area range (DeiT: 0.08-1).
+        ratio: RandomResizedCrop aspect-ratio range (DeiT: 3/4-4/3).
+        hflip: Horizontal flip probability (DeiT: 0.5).
+        auto_augment: timm auto-augment policy (DeiT: 'rand-m9-mstd0.5-inc1'); null disables it.
+        color_jitter: Colour jitter strength; timm ignores it while auto_augment is set.
+        train_interpolation: RandomResizedCrop interpolation; 'random' picks bilinear or
+            bicubic per image (timm default).
+        re_prob: RandomErasing probability (DeiT: 0.25).
+        re_mode: RandomErasing fill: 'pixel' (per-pixel noise, DeiT), 'rand' or 'const'.
+        re_count: Maximum number of erased regions per image.
+    """
+
+    layout: ClassVar[str] = (
+        "expected train/<class>/<image> and val/<class>/<image> (test/ optional)"
+    )
+    flat_hint: ClassVar[str] = "move the images into one sub-folder per class"
+
+    def __init__(
+        self,
+        data_dir: str,
+        img_size: int = 224,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        crop_pct: float | None = None,
+        interpolation: str = "bicubic",
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        color_jitter: float = 0.4,
+        train_interpolation: str = "random",
+        re_prob: float = 0.25,
+        re_mode: str = "pixel",
+        re_count: int = 1,
+    ) -> None:
+        super().__init__(
+            data_dir=data_dir,
+            img_size=img_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            mean=mean,
+            std=std,
+            crop_pct=crop_pct,
+            interpolation=interpolation,
+        )
+        self.root = Path(data_dir).expanduser()
+        if not self.root.is_dir():
+            raise UserInputError(
+                f"data_dir '{data_dir}' is not a directory: point --data.data_dir at the dataset "
+                f"root; {self.layout}"
+            )
+        self.has_test_split = (self.root / "test").is_dir()
+        self._folders = self._scan_split("train")
+        for split in ("val", "test") if self.has_test_split else ("val",):
+            folders = self._scan_split(split)
+            if folders != self._folders:
+                missing = sorted(set(self._folders) - set(folders))
+                extra = sorted(set(folders) - set(self._folders))
+                raise UserInputError(
+                    f"'{self.root / split}' class folders differ from train/'s (missing: "
+                    f"{_preview(missing) or 'none'}; not in train/: {_preview(extra) or 'none'}): "
+                    f"give {split}/ exactly the class folders of train/"
+                )
+        # Built here (cheap) so that a bad augmentation setting fails at construction.
+        self.train_transform = build_train_transform(
+            img_size,
+            mean=self.mean,
+            std=self.std,
+            scale=scale,
+            ratio=ratio,
+            hflip=hflip,
+            auto_augment=auto_augment,
+            color_jitter=color_jitter,
+            interpolation=train_interpolation,
+            re_prob=re_prob,
+            re_mode=re_mode,
+            re_count=re_count,
+        )
+        self.eval_transform = build_eval_transform(
+            img_size,
+            mean=self.mean,
+            std=self.std,
+            crop_pct=self.crop_pct,
+            interpolation=interpolation,
+        )
+
+    def _scan_split(self, split: Split) -> list[str]:
+        """Returns the sorted class folder names of `split`, checking each holds an image."""
+        split_dir = self.root / split
+        if not split_dir.is_dir():
+            raise UserInputError(f"data_dir '{self.root}' has no '{split}/' folder: {self.layout}")
+        try:
+            # The very function ImageFolder uses, so names and indices agree with it.
+            folders, _ = find_classes(str(split_dir))
+        except FileNotFoundError:
+            with os.scandir(split_dir) as entries:
+                flat = any(
+                    entry.is_file() and has_file_allowed_extension(entry.name, IMG_EXTENSIONS)
+                    for entry in entries
+                )
+            fix = self.flat_hint if flat else self.layout
+            problem = "images but no class folders" if flat else "no class folders"
+            raise UserInputError(f"'{split_dir}' has {problem}: {fix}") from None
+        empty = [name for name in folders if not _has_image(split_dir / name)]
+        if empty:
+            raise UserInputError(
+                f"'{split_dir}' has class folders without images ({_preview(empty)}): add images "
+                f"({', '.join(IMG_EXTENSIONS)}) or remove those folders"
+            )
+        return folders
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class folder names of ``train/``, in class-index order."""
+        return list(self._folders)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class folders in ``train/``."""
+        return len(self._folders)
+
+    def _build_split(self, split: Split) -> Dataset | None:
+        if split == "test" and not self.has_test_split:
+            return None
+        transform = self.train_transform if split == "train" else self.eval_transform
+        return ImageFolder(str(self.root / split), transform=transform)
+
+
+@cache
+def _imagenet_info() -> ImageNetInfo:
+    return ImageNetInfo()
+
+
+def imagenet_class_names(wnids: list[str]) -> list[str] | None:
+    """Maps WordNet ids to timm's ImageNet lemmas ('tench, Tinca tinca'), or None if any is unknown.
+
+    The lemma table covers every ImageNet-22k synset, so subsets of any size resolve. A lemma
+    shared by two wnids ('crane' the bird and the machine) gets its wnid appended.
+    """
+    info = _imagenet_info()
+    try:
+        names = [info.label_name_to_description(wnid) for wnid in wnids]
+    except KeyError:
+        return None
+    counts = Counter(names)
+    return [
+        f"{name} ({wnid})" if counts[name] > 1 else name
+        for name, wnid in zip(names, wnids, strict=True)
+    ]
+
+
+class ImageNetDataModule(ImageFolderDataModule):
+    """ImageNet in the folder layout ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG``.
+
+    Any subset of classes works. Class names are the human-readable ImageNet names of the wnid
+    folders (via ``timm.data.ImageNetInfo``), or the folder names when they are not all wnids.
+    Normalisation and crop_pct default to timm's ImageNet values; the Refiner-ViT release
+    recipes override them in ``configs/imagenet``. Arguments as for
+    :class:`ImageFolderDataModule`.
+    """
+
+    layout: ClassVar[str] = "expected the ImageNet layout train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
+    flat_hint: ClassVar[str] = (
+        "sort the validation images into val/<wnid>/ folders (e.g. with the widely used "
+        "valprep.sh script), giving the layout train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
+    )
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        """ImageNet names of the wnid folders (else the folder names), in class-index order."""
+        return imagenet_class_names(self._folders) or list(self._folders)

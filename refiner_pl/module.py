@@ -1,0 +1,320 @@
+"""`ImageClassifier`: a LightningModule around any timm-registered image classifier.
+
+The module owns the recipe (loss, optimizer, learning-rate schedule, metrics) as plain typed
+hyperparameters, so that `LightningCLI` can expose every one of them and `save_hyperparameters()`
+can record them in checkpoints and in TensorBoard's HPARAMS tab.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any, Literal
+
+import lightning as L
+import timm
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2, list_optimizers
+from timm.scheduler import create_scheduler_v2
+from torch import Tensor, nn
+from torch.utils.tensorboard.summary import hparams as hparams_summary
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from refiner_pl.errors import UserInputError
+
+Schedule = Literal["cosine", "tanh", "wsd", "rsqrt", "constant", "none"]
+"""timm schedules that need nothing beyond warmup/min_lr/cooldown ("none" keeps lr constant)."""
+
+SCHEDULES: tuple[str, ...] = Schedule.__args__  # type: ignore[attr-defined]
+
+
+class ImageClassifier(L.LightningModule):
+    """Train, evaluate and predict with a timm image classifier.
+
+    Args:
+        model_name: timm model name, e.g. ``refiner_vit_s`` (see ``timm.list_models('*refiner*')``).
+        num_classes: number of classes; linked from the datamodule by the CLI.
+        img_size: input resolution; linked from the datamodule by the CLI and only passed to
+            models whose constructor accepts it (ViTs do, CNNs do not).
+        pretrained: load timm's pretrained weights (needs them cached or a network).
+        drop_rate: dropout before the classifier head.
+        drop_path_rate: stochastic depth rate.
+        model_kwargs: extra keyword arguments for ``timm.create_model``.
+        grad_checkpointing: trade compute for memory with activation checkpointing.
+        lr: peak (base) learning rate, reached at the end of warmup.
+        weight_decay: decoupled weight decay; timm excludes biases, norms and
+            ``model.no_weight_decay()`` names (pos_embed, cls_token, ...).
+        opt: timm optimizer name (``timm.optim.list_optimizers()``).
+        opt_eps: optimizer epsilon (None: the optimizer's default).
+        opt_betas: optimizer betas (None: the optimizer's default).
+        layer_decay: layer-wise lr decay in (0, 1]; None disables it.
+        sched: learning-rate schedule after warmup, stepped on every optimizer step.
+        warmup_epochs: linear warmup from ``warmup_lr`` to ``lr``, in (fractional) epochs.
+        warmup_lr: learning rate at the first step.
+        min_lr: learning rate at the end of the schedule.
+        cooldown_epochs: epochs at ``min_lr`` at the end of training (part of max_epochs).
+        label_smoothing: label smoothing of the training loss (hard targets only).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "refiner_vit_s",
+        num_classes: int = 1000,
+        img_size: int = 224,
+        pretrained: bool = False,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        model_kwargs: dict[str, Any] | None = None,
+        grad_checkpointing: bool = False,
+        lr: float = 5e-4,
+        weight_decay: float = 0.05,
+        opt: str = "adamw",
+        opt_eps: float | None = None,
+        opt_betas: tuple[float, float] | None = None,
+        layer_decay: float | None = None,
+        sched: Schedule = "cosine",
+        warmup_epochs: float = 5,
+        warmup_lr: float = 1e-6,
+        min_lr: float = 1e-5,
+        cooldown_epochs: int = 0,
+        label_smoothing: float = 0.1,
+    ) -> None:
+        super().__init__()
+        _check_hparams(locals())
+        self.save_hyperparameters()
+
+        self.model = _create_model(
+            model_name,
+            num_classes=num_classes,
+            img_size=img_size,
+            pretrained=pretrained,
+            drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
+            **(model_kwargs or {}),
+        )
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+
+        # Hard targets: (smoothed) cross entropy. Soft targets (mixup/cutmix from the data
+        # pipeline) already carry their smoothing. Evaluation reports the plain cross entropy.
+        self.train_criterion: nn.Module = (
+            LabelSmoothingCrossEntropy(label_smoothing)
+            if label_smoothing > 0
+            else nn.CrossEntropyLoss()
+        )
+        self.soft_target_criterion = SoftTargetCrossEntropy()
+        self.eval_criterion = nn.CrossEntropyLoss()
+
+        # One metric object per stage: they keep their own state and sync across DDP ranks
+        # when Lightning calls `compute()` at the end of the epoch.
+        self.train_metrics = MetricCollection(
+            {"acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}, prefix="train/"
+        )
+        eval_metrics = {"acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+        if num_classes > 5:
+            eval_metrics["acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        self.val_metrics = MetricCollection(eval_metrics, prefix="val/")
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    # ----------------------------------------------------------------------------------- steps
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        if y.is_floating_point():  # soft targets (B, C), e.g. from mixup/cutmix
+            loss = self.soft_target_criterion(logits, y)
+            y = y.argmax(dim=-1)
+        else:
+            loss = self.train_criterion(logits, y)
+        self.train_metrics.update(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_loss, self.val_metrics, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_loss, self.test_metrics, "test")
+
+    def _evaluate(
+        self, batch: tuple[Tensor, Tensor], loss: MeanMetric, metrics: MetricCollection, stage: str
+    ) -> None:
+        x, y = batch
+        logits = self(x)
+        loss.update(self.eval_criterion(logits, y), weight=y.shape[0])
+        metrics.update(logits, y)
+        self.log(f"{stage}/loss", loss, prog_bar=True)
+        self.log_dict(metrics, prog_bar=True)
+
+    def predict_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        """Class probabilities (B, num_classes); a batch may be images alone or (images, ...)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).softmax(dim=-1)
+
+    # ------------------------------------------------------------------------------- logging
+    def on_fit_start(self) -> None:
+        # Fill TensorBoard's HPARAMS tab: the hyperparameters (datamodule's included, as the
+        # Trainer logs them) against the final values of the validation metrics.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        params = {**getattr(datamodule, "hparams", {}), **self.hparams}
+        metrics = ["val/loss", *self.val_metrics.keys()]
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                _write_hparams_summary(logger, params, metrics)
+
+    # ---------------------------------------------------------------- optimizer and schedule
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        opt_kwargs: dict[str, Any] = {}
+        if hp.opt_eps is not None:
+            opt_kwargs["eps"] = hp.opt_eps
+        if hp.opt_betas is not None:
+            opt_kwargs["betas"] = tuple(hp.opt_betas)
+        optimizer = create_optimizer_v2(
+            self.model,
+            opt=hp.opt,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            layer_decay=hp.layer_decay,
+            **opt_kwargs,
+        )
+        if hp.sched == "none":
+            return optimizer
+
+        total_steps, steps_per_epoch = self._schedule_length()
+        warmup_epochs, cooldown_epochs = hp.warmup_epochs, hp.cooldown_epochs
+        edges = (warmup_epochs + cooldown_epochs) * steps_per_epoch
+        if edges >= total_steps:
+            # A run cut short (fast_dev_run, limit_train_batches, max_steps): squeeze warmup and
+            # cooldown into half of it rather than fail. The CLI rejects a too-short max_epochs.
+            scale = total_steps / 2 / edges
+            warmup_epochs, cooldown_epochs = warmup_epochs * scale, cooldown_epochs * scale
+            rank_zero_warn(
+                f"warmup_epochs + cooldown_epochs ({edges:g} steps) do not fit in this run's "
+                f"{total_steps} steps; scaled down to {scale * edges:g} steps"
+            )
+        scheduler, _ = create_scheduler_v2(
+            optimizer,
+            sched=hp.sched,
+            # Warmup as a prefix: lr reaches exactly `lr` when warmup ends, then the schedule
+            # decays to `min_lr` over the steps left before the cooldown. (timm's num_epochs
+            # excludes warmup and cooldown; here both are part of the trainer's run length.)
+            num_epochs=total_steps / steps_per_epoch - warmup_epochs - cooldown_epochs,
+            warmup_epochs=warmup_epochs,
+            warmup_prefix=True,
+            warmup_lr=hp.warmup_lr,
+            min_lr=hp.min_lr,
+            cooldown_epochs=cooldown_epochs,
+            step_on_epochs=False,
+            updates_per_epoch=steps_per_epoch,
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
+        }
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any = None) -> None:
+        # timm schedulers are stateless functions of the update count: Lightning calls this
+        # after every optimizer step, when `global_step` already counts that step.
+        scheduler.step_update(num_updates=self.global_step)
+
+    def _schedule_length(self) -> tuple[int, int]:
+        """(total optimizer steps, optimizer steps per epoch) for the current trainer."""
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches  # max_epochs/max_steps, accumulation, devices
+        if not math.isfinite(total):
+            raise UserInputError(
+                "the learning-rate schedule needs a finite run; set trainer.max_epochs or "
+                "trainer.max_steps (or use model.sched: none)"
+            )
+        if trainer.train_dataloader is None:  # max_steps runs skip loading it for the total
+            trainer.fit_loop.setup_data()
+        batches = trainer.num_training_batches  # per device, after limit_train_batches
+        if math.isfinite(batches) and batches > 0:
+            steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        else:  # iterable dataset of unknown length: spread the run over max_epochs
+            steps_per_epoch = math.ceil(total / max(trainer.max_epochs or 1, 1))
+        return int(total), max(steps_per_epoch, 1)
+
+
+# ------------------------------------------------------------------------------------ helpers
+@rank_zero_only
+def _write_hparams_summary(logger: TensorBoardLogger, params: dict, metrics: list[str]) -> None:
+    """Declares `metrics` as the HPARAMS-tab columns of `params`.
+
+    `logger.log_hyperparams(params, metrics)` would do it too, but it also logs the metrics'
+    placeholder values as scalars, putting a spurious point at step 0 of every val curve.
+    """
+    params = {
+        key: value if isinstance(value, (bool, int, float, str)) else str(value)
+        for key, value in params.items()
+        if not key.startswith("_")  # LightningCLI's _class_path / _instantiator
+    }
+    writer = logger.experiment._get_file_writer()
+    for summary in hparams_summary(params, dict.fromkeys(metrics, 0.0)):
+        writer.add_summary(summary)
+
+
+def _create_model(model_name: str, *, img_size: int, **kwargs: Any) -> nn.Module:
+    """`timm.create_model`, passing `img_size` only to models whose constructor takes it."""
+    try:
+        return timm.create_model(model_name, img_size=img_size, **kwargs)
+    except TypeError as err:
+        if "img_size" not in str(err):
+            raise
+    return timm.create_model(model_name, **kwargs)
+
+
+def _check_hparams(hp: dict[str, Any]) -> None:
+    """Reject bad values at construction time, before anything is built or trained."""
+    name = hp["model_name"]
+    if not timm.is_model(name):
+        candidates = timm.list_models()
+        close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
+        close = close or timm.list_models("*refiner*") or candidates[:5]
+        raise UserInputError(
+            f"unknown model_name {name!r}; use a timm model name such as {', '.join(close)}"
+        )
+    opt = hp["opt"].lower().removeprefix("lookahead_")  # timm wraps any optimizer this way
+    if opt not in list_optimizers():
+        close = difflib.get_close_matches(opt, list_optimizers(), n=3)
+        raise UserInputError(
+            f"unknown opt {hp['opt']!r}; use one of timm.optim.list_optimizers(), "
+            f"e.g. {', '.join(close or ['adamw', 'sgd', 'lamb'])}"
+        )
+    if hp["sched"] not in SCHEDULES:
+        raise UserInputError(f"unknown sched {hp['sched']!r}; use one of {', '.join(SCHEDULES)}")
+    if hp["num_classes"] < 2:
+        raise UserInputError(f"num_classes must be at least 2, got {hp['num_classes']}")
+    if hp["img_size"] < 1:
+        raise UserInputError(f"img_size must be a positive number of pixels, got {hp['img_size']}")
+    for key in ("lr", "warmup_lr", "min_lr", "weight_decay", "warmup_epochs", "cooldown_epochs"):
+        if hp[key] < 0 or (key == "lr" and hp[key] == 0):
+            need = "> 0" if key == "lr" else ">= 0"
+            raise UserInputError(f"{key} must be {need}, got {hp[key]}; fix model.{key}")
+    if hp["min_lr"] > hp["lr"]:
+        raise UserInputError(
+            f"min_lr ({hp['min_lr']}) is above lr ({hp['lr']}); set model.min_lr below model.lr"
+        )
+    for key in ("drop_rate", "drop_path_rate", "label_smoothing"):
+        if not 0 <= hp[key] < 1:
+            raise UserInputError(f"{key} must be in [0, 1), got {hp[key]}; fix model.{key}")
+    if hp["layer_decay"] is not None and not 0 < hp["layer_decay"] <= 1:
+        raise UserInputError(
+            f"layer_decay must be in (0, 1] or null, got {hp['layer_decay']}; fix model.layer_decay"
+        )
+    if hp["opt_betas"] is not None and not all(0 <= b < 1 for b in hp["opt_betas"]):
+        raise UserInputError(f"opt_betas must be in [0, 1), got {hp['opt_betas']}")
+    if hp["opt_eps"] is not None and hp["opt_eps"] <= 0:
+        raise UserInputError(f"opt_eps must be > 0, got {hp['opt_eps']}; fix model.opt_eps")
+
+
+__all__ = ["ImageClassifier", "SCHEDULES"]
