@@ -25,7 +25,7 @@ _STAGE_SPLITS: dict[str | None, tuple[Split, ...]] = {
     "fit": ("train", "val"),
     "validate": ("val",),
     "test": ("test",),
-    "predict": (),
+    "predict": ("val",),
     None: ("train", "val", "test"),
 }
 
@@ -180,6 +180,10 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         """Test batches; falls back to the val split when the dataset has no test split."""
         dataset = self.test_set if self.test_set is not None else self.val_set
         return self._loader(self._require(dataset, "test", "test"), train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The val split in dataset order, so predictions line up with its files and labels."""
+        return self._loader(self._require(self.val_set, "val", "predict"), train=False)
 
     def _require(self, dataset: Dataset | None, split: str, stage: str) -> Dataset:
         if dataset is None:
