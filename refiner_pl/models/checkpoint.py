@@ -22,6 +22,7 @@ from refiner_pl.models.refiner_vit import RefinerViT, release_to_refiner_pl
 
 __all__ = [
     "from_official_checkpoint",
+    "init_weights_from",
     "infer_model_args",
     "load_model",
     "read_checkpoint",
@@ -246,6 +247,46 @@ def load_model(
     return _build_and_load(
         dict(payload["state_dict"]), {**payload["model_args"], **overrides}, source
     )
+
+
+def _weights_of(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The model weights in any supported file, in our naming."""
+    if checkpoint.get("format") == MODEL_FORMAT:
+        return dict(checkpoint["state_dict"])
+    if "pytorch-lightning_version" in checkpoint:  # ImageClassifier keeps the net in `model.`
+        state_dict = checkpoint["state_dict"]
+        return {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
+    return release_to_refiner_pl(unwrap_state_dict(checkpoint))
+
+
+def init_weights_from(
+    model: nn.Module, path_or_checkpoint: str | os.PathLike | Mapping[str, Any]
+) -> nn.Module:
+    """Initialise ``model`` for fine-tuning from a release file, one of ours, or a Lightning
+    checkpoint of this project.
+
+    A different patch grid resamples the position embedding; a different class count starts
+    the class heads afresh (logged); anything else that does not fit is an error.
+    """
+    if isinstance(path_or_checkpoint, Mapping):
+        source, raw = "the checkpoint", path_or_checkpoint
+    else:
+        source, raw = repr(str(path_or_checkpoint)), read_checkpoint(path_or_checkpoint)
+    state_dict = _weights_of(raw)
+    own = model.state_dict()
+    heads = [k for k in state_dict if k.startswith(("head.", "aux_head."))]
+    if any(k in own and own[k].shape != state_dict[k].shape for k in heads):
+        _logger.warning("%s has another class count: the class heads start afresh", source)
+        state_dict = {k: v for k, v in state_dict.items() if k not in heads}
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(("head.", "aux_head."))]
+    if missing or result.unexpected_keys:
+        raise UserInputError(
+            f"{source} does not fit model {type(model).__name__}: missing {missing[:4]}, "
+            f"unexpected {result.unexpected_keys[:4]}; initialise from a checkpoint of the "
+            "same architecture (or change model_name/model_kwargs to match it)"
+        )
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -109,3 +109,37 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
         read_checkpoint(path)
     assert not marker.exists()
     assert os.path.getsize(path) > 0
+
+
+def test_init_weights_from_release_at_other_resolution_and_classes(release_fixture):
+    from refiner_pl.models import RefinerViT, init_weights_from
+
+    args = from_official_checkpoint(release_fixture["state_dict"]).model_args
+    model = RefinerViT(**{**args, "img_size": 64, "num_classes": 3})
+    init_weights_from(model, {"state_dict_ema": release_fixture["state_dict"]})
+    source = release_fixture["state_dict"]
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, source["blocks.0.attn.qkv.weight"])
+    assert model.pos_embed.shape == (1, 257, 48) and model.head.out_features == 3
+
+
+def test_init_weights_from_a_lightning_checkpoint_and_foreign_one(tmp_path):
+    from refiner_pl.models import RefinerViT, init_weights_from
+
+    source = RefinerViT(
+        img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=5
+    )
+    lightning_ckpt = {
+        "pytorch-lightning_version": "2.6.6",
+        "state_dict": {f"model.{k}": v for k, v in source.state_dict().items()},
+    }
+    target = RefinerViT(
+        img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=5
+    )
+    init_weights_from(target, lightning_ckpt)
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    deeper = RefinerViT(
+        img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=4, num_classes=5
+    )
+    with pytest.raises(UserInputError, match="does not fit model RefinerViT: missing"):
+        init_weights_from(deeper, lightning_ckpt)
