@@ -1,0 +1,293 @@
+"""Throughput and memory of a model against timm's DeiT-S, measured in the same process.
+
+    python -m refiner_pl.benchmark throughput --model refiner_vit_s --img_size 224 --batch_size 8
+    python -m refiner_pl.benchmark lightning_overhead
+
+``throughput`` alternates the model and the baseline round by round, so a busy machine slows
+both alike and the ratio stays meaningful; it reports median img/s for a training step
+(forward, backward, AdamW step) and for inference, and peak memory. ``lightning_overhead``
+times the quickstart's fit loop against a plain PyTorch loop over the same model and data.
+Both print a table and write JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import platform
+import resource
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+import torch.nn.functional as F
+from jsonargparse import auto_cli
+
+import refiner_pl  # noqa: F401  (registers the presets)
+
+Precision = Literal["fp32", "bf16", "fp16"]
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: Precision):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=_DTYPES[precision])
+
+
+def _build(name: str, img_size: int, device: torch.device, channels_last: bool, compile_: bool):
+    model = timm.create_model(name, img_size=img_size, num_classes=1000).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if compile_ else model
+
+
+class _Runner:
+    """One model's training step and inference step on fixed random data."""
+
+    def __init__(self, name: str, cfg: dict[str, Any], device: torch.device) -> None:
+        self.name, self.cfg, self.device = name, cfg, device
+        self.model = _build(name, cfg["img_size"], device, cfg["channels_last"], cfg["compile"])
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.x = torch.randn(cfg["batch_size"], 3, cfg["img_size"], cfg["img_size"], device=device)
+        if cfg["channels_last"]:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, 1000, (cfg["batch_size"],), device=device)
+
+    def train_step(self) -> None:
+        self.model.train()
+        with _autocast(self.device, self.cfg["precision"]):
+            loss = F.cross_entropy(self.model(self.x), self.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    @torch.inference_mode()
+    def infer_step(self) -> None:
+        self.model.eval()
+        with _autocast(self.device, self.cfg["precision"]):
+            self.model(self.x)
+
+    def timed(self, mode: str, steps: int) -> float:
+        """Images per second over ``steps`` steps."""
+        step = self.train_step if mode == "train" else self.infer_step
+        _sync(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(self.device)
+        return steps * self.cfg["batch_size"] / (time.perf_counter() - start)
+
+
+def _peak_memory_child(name: str, cfg: dict[str, Any], mode: str, queue: Any) -> None:
+    torch.set_num_threads(cfg["threads"])
+    runner = _Runner(name, cfg, torch.device("cpu"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    (runner.train_step if mode == "train" else runner.infer_step)()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put((after, after - before))
+
+
+def _peak_memory_mb(name: str, cfg: dict[str, Any], mode: str, device: torch.device) -> float:
+    """Memory one step needs on top of the built model: CUDA's allocator peak, or on CPU how
+    far the step raises the resident-set peak of a fresh process that built the model."""
+    if device.type == "cuda":
+        runner = _Runner(name, cfg, device)
+        (runner.train_step if mode == "train" else runner.infer_step)()
+        torch.cuda.reset_peak_memory_stats(device)
+        (runner.train_step if mode == "train" else runner.infer_step)()
+        peak = torch.cuda.max_memory_allocated(device) / 2**20  # weights, optimizer state and step
+        del runner
+        torch.cuda.empty_cache()
+        return peak
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_peak_memory_child, args=(name, cfg, mode, queue))
+    process.start()
+    _, step_kb = queue.get()
+    process.join()
+    return step_kb / 1024
+
+
+def throughput(
+    model: str = "refiner_vit_s",
+    baseline: str = "deit_small_patch16_224",
+    img_size: int = 224,
+    batch_size: int = 8,
+    precision: Precision = "fp32",
+    channels_last: bool = False,
+    compile: bool = False,
+    device: str = "cpu",
+    threads: int = 2,
+    rounds: int = 3,
+    train_steps: int = 2,
+    infer_steps: int = 3,
+    memory: bool = True,
+    out: str = "benchmark.json",
+) -> dict[str, Any]:
+    """Training and inference img/s of ``model`` and ``baseline``, interleaved, and ratios."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    cfg = dict(
+        img_size=img_size, batch_size=batch_size, precision=precision,
+        channels_last=channels_last, compile=compile, threads=threads,
+    )  # fmt: skip
+    runners = {name: _Runner(name, cfg, dev) for name in (model, baseline)}
+    for runner in runners.values():  # warm-up (and compilation)
+        runner.train_step()
+        runner.infer_step()
+    samples: dict[str, dict[str, list[float]]] = {n: {"train": [], "infer": []} for n in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            samples[name]["train"].append(runner.timed("train", train_steps))
+            samples[name]["infer"].append(runner.timed("infer", infer_steps))
+    del runners
+    result: dict[str, Any] = {
+        "config": {
+            **cfg,
+            "device": device,
+            "rounds": rounds,
+            "train_steps": train_steps,
+            "infer_steps": infer_steps,
+        },  # fmt: skip
+        "machine": {
+            "device_name": torch.cuda.get_device_name(dev)
+            if dev.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+        },
+        "models": {},
+    }
+    for name in (model, baseline):
+        entry: dict[str, Any] = {
+            "train_img_s": statistics.median(samples[name]["train"]),
+            "infer_img_s": statistics.median(samples[name]["infer"]),
+        }
+        if memory:
+            entry["train_peak_mb"] = _peak_memory_mb(name, cfg, "train", dev)
+            entry["infer_peak_mb"] = _peak_memory_mb(name, cfg, "infer", dev)
+        result["models"][name] = entry
+    ours, base = result["models"][model], result["models"][baseline]
+    result["ratio"] = {
+        "train": ours["train_img_s"] / base["train_img_s"],
+        "infer": ours["infer_img_s"] / base["infer_img_s"],
+    }
+    _report(result, out)
+    return result
+
+
+def lightning_overhead(
+    epochs: int = 3, threads: int = 2, out: str = "lightning_overhead.json"
+) -> dict[str, Any]:
+    """Seconds per training step of Lightning's fit loop vs a plain loop, on the quickstart.
+
+    Both run the same ImageClassifier (model, optimizer, schedule) on the same DataLoader;
+    validation, checkpointing, logging and the progress bar are off in both, and the first
+    epoch of each is a warm-up that is not timed.
+    """
+    import lightning as L
+
+    from refiner_pl.data import DigitsDataModule
+    from refiner_pl.module import ImageClassifier
+
+    torch.set_num_threads(threads)
+
+    def make() -> tuple[ImageClassifier, DigitsDataModule]:
+        L.seed_everything(0, verbose=False)
+        data = DigitsDataModule(batch_size=64)
+        module = ImageClassifier(
+            model_name="refiner_vit_tiny", num_classes=10, img_size=32, warmup_epochs=0.5
+        )
+        return module, data
+
+    class _EpochTimer(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.times.append(time.perf_counter() - self.start)
+
+    module, data = make()
+    timer = _EpochTimer()
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, callbacks=[timer],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    steps_per_epoch = trainer.num_training_batches
+    lightning_s = statistics.median(timer.times[1:]) / steps_per_epoch
+
+    module, data = make()
+    data.setup("fit")
+    loader = data.train_dataloader()
+    optimizer = create_plain_optimizer(module)
+    plain_times = []
+    module.train()
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for x, y in loader:
+            loss = module.train_criterion(module(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        plain_times.append(time.perf_counter() - start)
+    plain_s = statistics.median(plain_times[1:]) / len(loader)
+    result = {
+        "steps_per_epoch": steps_per_epoch,
+        "lightning_s_per_step": lightning_s,
+        "plain_s_per_step": plain_s,
+        "overhead": lightning_s / plain_s - 1,
+    }
+    print(json.dumps(result, indent=2))
+    Path(out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def create_plain_optimizer(module: Any) -> torch.optim.Optimizer:
+    """The module's own optimizer (timm AdamW with its parameter groups), without Lightning."""
+    from timm.optim import create_optimizer_v2
+
+    hp = module.hparams
+    return create_optimizer_v2(module.model, opt=hp.opt, lr=hp.lr, weight_decay=hp.weight_decay)
+
+
+def _report(result: dict[str, Any], out: str) -> None:
+    cfg = result["config"]
+    print(
+        f"{cfg['device']} ({result['machine']['device_name']}), {cfg['precision']}, batch "
+        f"{cfg['batch_size']}, {cfg['img_size']} px, channels_last={cfg['channels_last']}, "
+        f"compile={cfg['compile']}, threads={cfg['threads']}"
+    )
+    print(f"{'model':<28}{'train img/s':>12}{'infer img/s':>12}{'train MB':>10}{'infer MB':>10}")
+    # MB: on CUDA the allocator peak of a step; on CPU what one step adds to the resident peak
+    for name, entry in result["models"].items():
+        print(
+            f"{name:<28}{entry['train_img_s']:>12.2f}{entry['infer_img_s']:>12.2f}"
+            f"{entry.get('train_peak_mb', float('nan')):>10.0f}"
+            f"{entry.get('infer_peak_mb', float('nan')):>10.0f}"
+        )
+    print(f"{'ratio':<28}{result['ratio']['train']:>12.2f}{result['ratio']['infer']:>12.2f}")
+    Path(out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    auto_cli([throughput, lightning_overhead])
+
+
+if __name__ == "__main__":
+    main()
