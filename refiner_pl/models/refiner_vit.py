@@ -110,8 +110,11 @@ class AttentionRefiner(nn.Module):
     The (B, H, N, N) attention map is treated as an H-channel N x N image (query by key).
     """
 
-    def __init__(self, num_heads: int, expansion: int = 3, kernel_size: int = 3) -> None:
+    def __init__(
+        self, num_heads: int, expansion: int = 3, kernel_size: int = 3, channels_last: bool = False
+    ) -> None:
         super().__init__()
+        self.channels_last = channels_last
         hidden = num_heads * expansion
         self.expand = nn.Conv2d(num_heads, hidden, 1, bias=False)
         self.expand_bn = nn.BatchNorm2d(hidden)
@@ -124,9 +127,50 @@ class AttentionRefiner(nn.Module):
         self.act = nn.ReLU6(inplace=True)
 
     def forward(self, attn: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.expand_bn(self.expand(attn)))
+        # Channels-last makes the 1x1 convs GEMMs over the heads and lets the depthwise conv
+        # run without a padded copy (about a third less time on CPU). It reorders float sums,
+        # which training-mode BatchNorm amplifies to ~1e-5 in the logits, so it is opt-in.
+        x = attn.contiguous(memory_format=torch.channels_last) if self.channels_last else attn
+        x = self.act(self.expand_bn(self.expand(x)))
         x = self.act(self.local_bn(self.local(x)))
         return self.reduce_bn(self.reduce(x)) + attn
+
+    def forward_folded(self, attn: torch.Tensor, post_bn: nn.BatchNorm2d, post_scale: float):
+        """``post_bn(forward(attn)) * post_scale`` with every BatchNorm folded into the convs.
+
+        Only valid when the BatchNorms use running statistics (eval mode): three convs and
+        one fused multiply-add instead of three convs, five normalisations and a multiply.
+        """
+        w1, b1 = _fold_bn(self.expand.weight, self.expand_bn)
+        w2, b2 = _fold_bn(self.local.weight, self.local_bn)
+        w3, b3 = _fold_bn(self.reduce.weight, self.reduce_bn)
+        post_w, post_b = _bn_affine(post_bn)
+        post_w, post_b = post_w * post_scale, post_b * post_scale
+        # post(R + A) = R * w + b + A * w, and R's conv absorbs w and b
+        w3 = w3 * post_w.view(-1, 1, 1, 1)
+        b3 = b3 * post_w + post_b
+        x = attn.contiguous(memory_format=torch.channels_last)
+        x = F.relu6(F.conv2d(x, w1, b1), inplace=True)
+        x = F.relu6(
+            F.conv2d(x, w2, b2, padding=self.local.padding, groups=self.local.groups), inplace=True
+        )
+        return torch.addcmul(F.conv2d(x, w3, b3), attn, post_w.view(1, -1, 1, 1))
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with bn(x) == x * scale + shift under running statistics."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _fold_bn(weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    scale, shift = _bn_affine(bn)
+    return weight * scale.view(-1, 1, 1, 1), shift
 
 
 class RefinerAttention(nn.Module):
@@ -143,6 +187,7 @@ class RefinerAttention(nn.Module):
         refiner_expansion: int = 3,
         refiner_kernel_size: int = 3,
         attn_map_residual: bool = True,
+        refiner_channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -155,7 +200,9 @@ class RefinerAttention(nn.Module):
         else:
             self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         if block_type in ("refine", "shared"):
-            self.refiner = AttentionRefiner(num_heads, refiner_expansion, refiner_kernel_size)
+            self.refiner = AttentionRefiner(
+                num_heads, refiner_expansion, refiner_kernel_size, refiner_channels_last
+            )
             self.adapt_bn = nn.BatchNorm2d(num_heads)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
@@ -166,6 +213,8 @@ class RefinerAttention(nn.Module):
         return x.reshape(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
     def refine(self, attn: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.adapt_bn.track_running_stats:
+            return self.refiner.forward_folded(attn, self.adapt_bn, self.scale)
         return self.adapt_bn(self.refiner(attn)) * self.scale
 
     def forward(
@@ -227,6 +276,7 @@ class RefinerBlock(nn.Module):
         refiner_expansion: int = 3,
         refiner_kernel_size: int = 3,
         attn_map_residual: bool = True,
+        refiner_channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.block_type = block_type
@@ -241,6 +291,7 @@ class RefinerBlock(nn.Module):
             refiner_expansion=refiner_expansion,
             refiner_kernel_size=refiner_kernel_size,
             attn_map_residual=attn_map_residual,
+            refiner_channels_last=refiner_channels_last,
         )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -322,6 +373,7 @@ class RefinerViT(nn.Module):
         refiner_expansion: int = 3,
         refiner_kernel_size: int = 3,
         attn_map_residual: bool | None = None,
+        refiner_channels_last: bool = False,
         stem: Literal["conv", "linear"] = "conv",
         token_head: bool = True,
         aux_weight: float = 0.5,
@@ -397,6 +449,7 @@ class RefinerViT(nn.Module):
                 refiner_expansion=refiner_expansion,
                 refiner_kernel_size=refiner_kernel_size,
                 attn_map_residual=attn_map_residual,
+                refiner_channels_last=refiner_channels_last,
             )
             for i, kind in enumerate(block_types)
         )

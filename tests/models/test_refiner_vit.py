@@ -307,3 +307,31 @@ def test_attention_maps_are_readable_without_changing_outputs():
     # a shared block refines the map it was handed and hands the unrefined one on
     assert torch.equal(maps[1].raw, maps[0].raw)
     torch.testing.assert_close(maps[0].raw.sum(-1), torch.ones(2, 4, 65))
+
+
+# ------------------------------------------------------------------ fast refiner paths
+def test_folded_eval_refiner_equals_the_batchnorm_modules():
+    torch.manual_seed(0)
+    attn_module = small().blocks[1].attn
+    for bn in attn_module.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):  # non-trivial running statistics
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.2, 0.2)
+    attn_module.eval()
+    maps = torch.rand(2, 4, 65, 65).softmax(-1)
+    with torch.no_grad():
+        folded = attn_module.refine(maps)
+        modules = attn_module.adapt_bn(attn_module.refiner(maps)) * attn_module.scale
+    torch.testing.assert_close(folded, modules, atol=1e-6, rtol=1e-5)
+
+
+def test_channels_last_refiner_option_computes_the_same_function(release_fixture):
+    model = from_official_checkpoint(release_fixture["state_dict"], refiner_channels_last=True)
+    with torch.no_grad():
+        out = model.train().forward_train(release_fixture["input"], mix_token=False)
+    # Reordered sums, amplified by training-mode BatchNorm: close, though not to 1e-5.
+    torch.testing.assert_close(
+        out.cls_logits, release_fixture["train_logits_cls"], atol=5e-5, rtol=0
+    )
