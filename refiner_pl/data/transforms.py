@@ -8,12 +8,31 @@ interpolation, horizontal flip 0.5, RandAugment ``rand-m9-mstd0.5-inc1`` and Ran
 
 from collections.abc import Callable, Sequence
 
-from timm.data import create_transform
+from PIL import Image
+from timm.data import auto_augment, create_transform
 from timm.data.transforms import str_to_pil_interp
 
 from refiner_pl.errors import UserInputError
 
 RE_MODES = ("const", "rand", "pixel")
+
+
+def _posterize_keeping_zero_bits(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, with 0 bits giving the black image older Pillow returned.
+
+    ``rand-m9-mstd0.5-inc1`` draws magnitude 10 now and then, which posterize-increasing maps
+    to 0 bits; Pillow >= 11 raises on that and would end an ImageNet run after a few hundred
+    images, while the Pillow the recipe was tuned with returned a black image.
+    """
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return _timm_posterize(img, bits_to_keep, **kwargs)
+
+
+_timm_posterize = auto_augment.posterize
+for _name, _op in list(auto_augment.NAME_TO_OP.items()):
+    if _op is _timm_posterize:
+        auto_augment.NAME_TO_OP[_name] = _posterize_keeping_zero_bits
 
 
 def check_interpolation(name: str, value: str, allow_random: bool = False) -> str:
