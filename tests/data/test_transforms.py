@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 from PIL import Image
 from timm.data.auto_augment import AugmentOp, rand_augment_transform
 
@@ -17,8 +18,9 @@ def test_posterize_at_full_magnitude_gives_black_instead_of_raising():
 
 
 def test_release_randaugment_runs_on_many_draws():
-    random.seed(0)
+    random.seed(0)  # magnitudes
+    np.random.seed(0)  # op choice
     transform = rand_augment_transform("rand-m9-mstd0.5-inc1", {})
     image = Image.new("RGB", (16, 16), (200, 120, 40))
-    for _ in range(400):  # ~1 posterize at magnitude 10 every ~130 draws of two ops
+    for _ in range(1000):  # unpatched, this seed reaches posterize with 0 bits at draw 218
         transform(image)
