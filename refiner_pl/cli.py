@@ -6,6 +6,10 @@ Beyond stock LightningCLI it
 * adds configurable ``checkpoint`` (best by ``val/acc1``), ``last_checkpoint``
   (``last.ckpt``, every epoch) and ``lr_monitor`` sections, and logs with TensorBoard to
   ``runs/<name>/version_<n>/`` (checkpoints in its ``checkpoints/`` folder);
+* adds an optional ``ema`` section, the `refiner_pl.callbacks.EMA` weight average (null, the
+  default, disables it); ``validate``/``test``/``predict`` with ``--ckpt_path`` score the
+  checkpoint's EMA weights while ``ema.validate_ema`` is true and the raw weights with
+  ``--ema.validate_ema false`` (or ``--ema null``);
 * resolves ``--ckpt_path best`` / ``last`` to the newest run under that folder, also in a new
   process (stock Lightning only knows "best" right after ``fit`` in the same process), and
   resumes ``fit --ckpt_path ...`` inside the run folder it came from;
@@ -33,6 +37,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from refiner_pl.callbacks import EMA, has_ema_weights
 from refiner_pl.data import ClassificationDataModule
 from refiner_pl.errors import UserInputError
 from refiner_pl.module import ImageClassifier
@@ -102,6 +107,10 @@ class RefinerCLI(LightningCLI):
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        # Optional, so not one of the parser's `callback_keys` (those must not be null):
+        # instantiate_trainer adds it. `--ema.decay 0.99996` alone enables it (class_path
+        # defaults to EMA), `--ema null` disables it.
+        parser.add_subclass_arguments(EMA, "ema", required=False, fail_untyped=False)
         parser.set_defaults(
             {
                 "trainer.logger": {
@@ -158,10 +167,28 @@ class RefinerCLI(LightningCLI):
                     f"gives {key}={current}; use the data it was trained on (data.{key}={trained})"
                 )
 
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The Trainer, with the ``ema`` callback (when configured) after trainer.callbacks."""
+        config = self.config_init.get(self.subcommand) if self.subcommand else self.config_init
+        ema = config.get("ema")
+        if ema is not None:
+            configured = config.trainer.get("callbacks")
+            if configured is None:
+                configured = []
+            elif not isinstance(configured, list):
+                configured = [configured]
+            kwargs["callbacks"] = [*configured, ema, *kwargs.get("callbacks", [])]
+        return super().instantiate_trainer(**kwargs)
+
     # ----------------------------------------------------------------------- fit checks
     def before_fit(self) -> None:
-        """Catches a schedule that cannot fit the run before any folder is written."""
+        """Catches a schedule, batch or lr that cannot work before any folder is written."""
         trainer, hp = self.trainer, self.model.hparams
+        batch_size = getattr(self.datamodule, "batch_size", None)
+        if isinstance(batch_size, int) and isinstance(self.model, ImageClassifier):
+            self.model.check_batch_size(batch_size)  # mixup needs an even batch
+            # lr_base_size: an lr scaled below min_lr
+            self.model.scaled_lr(batch_size * trainer.world_size * trainer.accumulate_grad_batches)
         if not trainer.loggers:  # --trainer.logger false: nothing to log the lr to
             trainer.callbacks = [
                 c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)
@@ -176,7 +203,30 @@ class RefinerCLI(LightningCLI):
                 f"schedule in trainer.max_epochs={epochs}; raise max_epochs or shorten warmup"
             )
 
+    def before_validate(self) -> None:
+        self._check_ema_weights()
+
+    def before_test(self) -> None:
+        self._check_ema_weights()
+
+    def _check_ema_weights(self) -> None:
+        """Scoring EMA weights needs a checkpoint that has them: say so before any work."""
+        ema = next((c for c in self.trainer.callbacks if isinstance(c, EMA)), None)
+        if ema is None or not ema.validate_ema:
+            return
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path is not None and not Path(ckpt_path).is_file():
+            return  # a URL or a missing file: Lightning's own loading reports it
+        if ckpt_path is None or not has_ema_weights(ckpt_path):
+            where = f"checkpoint {ckpt_path} has none" if ckpt_path else "no --ckpt_path given"
+            raise UserInputError(
+                f"ema.validate_ema is true but there are no EMA weights to score ({where}): "
+                "pass a checkpoint trained with the ema section, or score the raw weights "
+                "with --ema.validate_ema false"
+            )
+
     def before_predict(self) -> None:
+        self._check_ema_weights()
         if not is_overridden("predict_dataloader", self.datamodule, L.LightningDataModule):
             raise UserInputError(
                 f"{type(self.datamodule).__name__} defines no predict_dataloader(); choose a "

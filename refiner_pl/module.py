@@ -14,7 +14,8 @@ from typing import Any, Literal
 import lightning as L
 import timm
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
@@ -29,6 +30,11 @@ Schedule = Literal["cosine", "tanh", "wsd", "rsqrt", "constant", "none"]
 """timm schedules that need nothing beyond warmup/min_lr/cooldown ("none" keeps lr constant)."""
 
 SCHEDULES: tuple[str, ...] = Schedule.__args__  # type: ignore[attr-defined]
+
+MixupMode = Literal["batch", "pair", "elem"]
+"""How timm's Mixup draws its parameters: once per batch, per pair of images, per image."""
+
+MIXUP_MODES: tuple[str, ...] = MixupMode.__args__  # type: ignore[attr-defined]
 
 
 class ImageClassifier(L.LightningModule):
@@ -56,7 +62,26 @@ class ImageClassifier(L.LightningModule):
         warmup_lr: learning rate at the first step.
         min_lr: learning rate at the end of the schedule.
         cooldown_epochs: epochs at ``min_lr`` at the end of training (part of max_epochs).
-        label_smoothing: label smoothing of the training loss (hard targets only).
+        label_smoothing: label smoothing of the training targets; with mixup/cutmix it is
+            folded into the mixed targets (timm's ``Mixup(label_smoothing=...)``).
+        mixup_alpha: mixup's Beta(alpha, alpha) parameter; 0 disables mixup (release: 0.8).
+        cutmix_alpha: cutmix's Beta(alpha, alpha) parameter; 0 disables cutmix (release: 1.0).
+        mixup_prob: probability of mixing a batch (or pair/image, see ``mixup_mode``).
+        mixup_switch_prob: probability of cutmix instead of mixup when both are enabled.
+        mixup_mode: draw the mixing parameters per ``batch``, ``pair`` or ``elem`` (image).
+        mixup_off_epoch: stop mixing from this (0-based) epoch on, as timm's
+            ``--mixup-off-epoch``: epochs ``0 .. mixup_off_epoch - 1`` mix, later ones train on
+            label-smoothed hard targets; null mixes in every epoch.
+        lr_base_size: scale ``lr`` linearly with the global batch: the peak lr becomes
+            ``lr x global_batch / lr_base_size``, with ``global_batch = data.batch_size x
+            world_size x trainer.accumulate_grad_batches`` (as timm's train.py, only ``lr`` is
+            scaled, not ``warmup_lr`` or ``min_lr``); null uses ``lr`` as given.
+
+    Mixup/CutMix (timm's ``Mixup``) run in ``training_step`` on the device, on whole batches,
+    which must hold an even number of images; the loss is then timm's
+    ``SoftTargetCrossEntropy``. ``train/acc1`` is measured against the class with the larger
+    share of each mixed target (its argmax): a progress signal, not comparable with
+    ``val/acc1``.
     """
 
     def __init__(
@@ -81,6 +106,13 @@ class ImageClassifier(L.LightningModule):
         min_lr: float = 1e-5,
         cooldown_epochs: int = 0,
         label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        mixup_mode: MixupMode = "batch",
+        mixup_off_epoch: int | None = None,
+        lr_base_size: int | None = None,
     ) -> None:
         super().__init__()
         _check_hparams(locals())
@@ -98,8 +130,25 @@ class ImageClassifier(L.LightningModule):
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
 
-        # Hard targets: (smoothed) cross entropy. Soft targets (mixup/cutmix from the data
-        # pipeline) already carry their smoothing. Evaluation reports the plain cross entropy.
+        # Batch-level mixing of images and targets; the mixed targets carry the smoothing.
+        mixing = (mixup_alpha > 0 or cutmix_alpha > 0) and mixup_prob > 0
+        self.mixup: Mixup | None = (
+            Mixup(
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                prob=mixup_prob,
+                switch_prob=mixup_switch_prob,
+                mode=mixup_mode,
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+            if mixing
+            else None
+        )
+        self.effective_lr: float | None = None  # the peak lr of the latest fit, once scaled
+
+        # Hard targets: (smoothed) cross entropy. Soft targets (mixup/cutmix) already carry
+        # their smoothing. Evaluation reports the plain cross entropy.
         self.train_criterion: nn.Module = (
             LabelSmoothingCrossEntropy(label_smoothing)
             if label_smoothing > 0
@@ -127,6 +176,14 @@ class ImageClassifier(L.LightningModule):
     # ----------------------------------------------------------------------------------- steps
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
+        if self.mixing:
+            if y.is_floating_point():
+                raise UserInputError(
+                    "model.mixup_alpha/cutmix_alpha mix class-index targets, but this batch "
+                    "already has soft targets; set both to 0 for soft-target data"
+                )
+            self.check_batch_size(x.shape[0])
+            x, y = self.mixup(x, y)  # in place on the device; y: (B, C) soft targets
         logits = self(x)
         if y.is_floating_point():  # soft targets (B, C), e.g. from mixup/cutmix
             loss = self.soft_target_criterion(logits, y)
@@ -137,6 +194,23 @@ class ImageClassifier(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
+
+    @property
+    def mixing(self) -> bool:
+        """Whether this training epoch mixes batches (mixup/cutmix on, mixup_off_epoch ahead)."""
+        off_epoch = self.hparams.mixup_off_epoch
+        if self.mixup is None:
+            return False
+        return off_epoch is None or self.current_epoch < off_epoch
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Mixup/cutmix pair each image with its mirror in the batch: the size must be even."""
+        if self.mixup is not None and batch_size % 2:
+            raise UserInputError(
+                f"mixup/cutmix need an even batch, but a batch holds {batch_size} images: "
+                f"use an even data.batch_size (e.g. {batch_size + 1}) or set model.mixup_alpha "
+                "and model.cutmix_alpha to 0"
+            )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_loss, self.val_metrics, "val")
@@ -160,6 +234,11 @@ class ImageClassifier(L.LightningModule):
         return self(x).softmax(dim=-1)
 
     # ------------------------------------------------------------------------------- logging
+    def setup(self, stage: str) -> None:
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if stage == "fit" and isinstance(batch_size, int):
+            self.check_batch_size(batch_size)  # fail before the first batch, not during it
+
     def on_fit_start(self) -> None:
         # Fill TensorBoard's HPARAMS tab: the hyperparameters (datamodule's included, as the
         # Trainer logs them) against the final values of the validation metrics.
@@ -181,7 +260,7 @@ class ImageClassifier(L.LightningModule):
         optimizer = create_optimizer_v2(
             self.model,
             opt=hp.opt,
-            lr=hp.lr,
+            lr=self._peak_lr(),
             weight_decay=hp.weight_decay,
             layer_decay=hp.layer_decay,
             **opt_kwargs,
@@ -225,6 +304,48 @@ class ImageClassifier(L.LightningModule):
         # timm schedulers are stateless functions of the update count: Lightning calls this
         # after every optimizer step, when `global_step` already counts that step.
         scheduler.step_update(num_updates=self.global_step)
+
+    def scaled_lr(self, global_batch: int) -> float:
+        """The peak lr for `global_batch` images per optimizer step (see ``lr_base_size``)."""
+        hp = self.hparams
+        if hp.lr_base_size is None:
+            return hp.lr
+        lr = hp.lr * global_batch / hp.lr_base_size
+        if lr < hp.min_lr:
+            raise UserInputError(
+                f"lr scaled to the global batch, {hp.lr:g} x {global_batch} / lr_base_size "
+                f"{hp.lr_base_size} = {lr:g}, is below min_lr {hp.min_lr:g}: lower model.min_lr "
+                "or model.lr_base_size, or raise the batch size"
+            )
+        return lr
+
+    def _peak_lr(self) -> float:
+        """``lr``, scaled by the trainer's global batch when ``lr_base_size`` is set."""
+        hp = self.hparams
+        if hp.lr_base_size is None:
+            self.effective_lr = hp.lr
+            return hp.lr
+        trainer = self.trainer
+        per_device = getattr(trainer.datamodule, "batch_size", None)
+        if per_device is None:  # dataloaders given to fit() directly
+            if trainer.train_dataloader is None:
+                trainer.fit_loop.setup_data()
+            per_device = getattr(trainer.train_dataloader, "batch_size", None)
+        if not isinstance(per_device, int):
+            raise UserInputError(
+                "model.lr_base_size needs the per-device batch size, but neither the datamodule "
+                "nor the train DataLoader has a batch_size; set model.lr_base_size null and "
+                "give model.lr for your global batch"
+            )
+        world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+        global_batch = per_device * world * accumulate
+        self.effective_lr = self.scaled_lr(global_batch)
+        rank_zero_info(
+            f"lr {hp.lr:g} x global batch {global_batch} ({per_device} per device x {world} "
+            f"devices x {accumulate} accumulated) / lr_base_size {hp.lr_base_size} = "
+            f"{self.effective_lr:g}: the peak lr"
+        )
+        return self.effective_lr
 
     def _schedule_length(self) -> tuple[int, int]:
         """(total optimizer steps, optimizer steps per epoch) for the current trainer."""
@@ -315,6 +436,30 @@ def _check_hparams(hp: dict[str, Any]) -> None:
         raise UserInputError(f"opt_betas must be in [0, 1), got {hp['opt_betas']}")
     if hp["opt_eps"] is not None and hp["opt_eps"] <= 0:
         raise UserInputError(f"opt_eps must be > 0, got {hp['opt_eps']}; fix model.opt_eps")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if hp[key] < 0:
+            raise UserInputError(
+                f"{key} must be >= 0 (0 disables it), got {hp[key]}; fix model.{key}"
+            )
+    for key in ("mixup_prob", "mixup_switch_prob"):
+        if not 0 <= hp[key] <= 1:
+            raise UserInputError(
+                f"{key} is a probability in [0, 1], got {hp[key]}; fix model.{key}"
+            )
+    if hp["mixup_mode"] not in MIXUP_MODES:
+        raise UserInputError(
+            f"unknown mixup_mode {hp['mixup_mode']!r}; use one of {', '.join(MIXUP_MODES)}"
+        )
+    if hp["mixup_off_epoch"] is not None and hp["mixup_off_epoch"] < 1:
+        raise UserInputError(
+            f"mixup_off_epoch is {hp['mixup_off_epoch']}: give the first epoch without mixing "
+            "(>= 1), null to mix in every epoch, or disable mixing with mixup_alpha/cutmix_alpha 0"
+        )
+    if hp["lr_base_size"] is not None and hp["lr_base_size"] < 1:
+        raise UserInputError(
+            f"lr_base_size is {hp['lr_base_size']}: give the global batch model.lr is meant for "
+            "(e.g. 512), or null to use model.lr as given"
+        )
 
 
-__all__ = ["ImageClassifier", "SCHEDULES"]
+__all__ = ["ImageClassifier", "MIXUP_MODES", "SCHEDULES"]

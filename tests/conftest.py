@@ -210,3 +210,18 @@ def make_image_tree() -> Callable[..., ImageTree]:
 def jpeg_tree(tmp_path: Path, make_image_tree: Callable[..., ImageTree]) -> ImageTree:
     """An ImageNet-style tree ``train/<wnid>/*.JPEG`` (4 per class), ``val/<wnid>/*.JPEG`` (2)."""
     return make_image_tree(tmp_path / "imagenet", WNIDS, {"train": 4, "val": 2})
+
+
+@pytest.fixture
+def one_thread():
+    """Runs torch on one CPU thread for the test.
+
+    The test models are tiny: on small CPU hosts, intra-op threads spend far more time
+    synchronising than computing (a 2-core host ran a tiny fit 20x+ slower on 2 threads).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

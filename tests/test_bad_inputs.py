@@ -66,6 +66,10 @@ def test_img_size_not_divisible_by_patch(tmp_path):
     [
         (["--model.model_name", "refiner_vit_xl"], "unknown model_name 'refiner_vit_xl'"),
         (["--data.batch_size", "0"], "batch_size is 0: it must be >= 1"),
+        (
+            ["--model.mixup_alpha", "0.8", "--data.batch_size", "63"],
+            "mixup/cutmix need an even batch, but a batch holds 63 images",
+        ),
         (["--model.lrr", "0.1"], "lrr"),
     ],
 )

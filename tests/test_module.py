@@ -1,11 +1,16 @@
-"""ImageClassifier: construction checks, optimizer groups, lr schedule, metrics, outputs."""
+"""ImageClassifier: construction checks, optimizer groups, lr schedule, metrics, outputs,
+mixup/cutmix and lr scaling by the global batch."""
 
+import logging
 import math
+from types import SimpleNamespace
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -58,6 +63,13 @@ def test_unknown_model_name_lists_close_matches():
         ({"sched": "cosin"}, "unknown sched 'cosin'"),
         ({"num_classes": 1}, "num_classes"),
         ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"mixup_alpha": -0.1}, "mixup_alpha must be >= 0"),
+        ({"cutmix_alpha": -1.0}, "cutmix_alpha must be >= 0"),
+        ({"mixup_prob": 1.5}, "mixup_prob is a probability"),
+        ({"mixup_switch_prob": -0.5}, "mixup_switch_prob is a probability"),
+        ({"mixup_mode": "pairs"}, "unknown mixup_mode 'pairs'"),
+        ({"mixup_off_epoch": 0}, "mixup_off_epoch is 0"),
+        ({"lr_base_size": 0}, "lr_base_size is 0"),
     ],
 )
 def test_bad_hyperparameters_raise_user_input_error(kwargs, message):
@@ -247,3 +259,118 @@ def test_max_steps_run_measures_warmup_in_real_epochs():
     assert len(lrs) == 10
     assert lrs[2] == pytest.approx(0.5e-3) and lrs[4] == pytest.approx(1e-3)
     assert final == pytest.approx(module.hparams.min_lr)
+
+
+# ------------------------------------------------------------------------- mixup / cutmix
+MIX = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mixup_switch_prob": 0.5, "label_smoothing": 0.1}
+
+
+class Spy(nn.Module):
+    """A loss that records its targets (and whether they are soft) before computing."""
+
+    def __init__(self, loss: nn.Module, calls: list, epoch=lambda: 0) -> None:
+        super().__init__()
+        self.loss, self.calls, self.epoch = loss, calls, epoch
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.calls.append((self.epoch(), target.is_floating_point(), target.detach().clone()))
+        return self.loss(logits, target)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(
+    ("mode", "seed"), [("batch", 0), ("batch", 2), ("elem", 0)], ids=["mixup", "cutmix", "elem"]
+)
+def test_mixup_feeds_timm_mixed_images_and_smoothed_soft_targets(mode, seed):
+    module = tiny(**MIX, mixup_mode=mode)
+    calls, inputs = [], []
+    module.soft_target_criterion = Spy(SoftTargetCrossEntropy(), calls)
+    module.model.register_forward_pre_hook(lambda _, args: inputs.append(args[0].clone()))
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+
+    # timm's Mixup with the module's hyperparameters, label smoothing folded into the targets
+    np.random.seed(seed)
+    mixer = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, mode=mode,
+                  label_smoothing=0.1, num_classes=10)  # fmt: skip
+    expected_x, expected_y = mixer(x.clone(), y)
+    np.random.seed(seed)
+    loss = module.training_step((x.clone(), y), 0)
+
+    [(_, soft, target)] = calls
+    assert soft and target.shape == (4, 10)
+    torch.testing.assert_close(target, expected_y)
+    torch.testing.assert_close(inputs[0], expected_x)
+    assert not torch.allclose(inputs[0], x)  # the images were mixed
+    torch.testing.assert_close(target.sum(-1), torch.ones(4))
+    assert ((target > 0.1 / 10 + 1e-6).sum(-1) == 2).all()  # two classes per mixed target
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(SoftTargetCrossEntropy()(module(inputs[0]), target).item())
+
+
+def test_mixup_needs_an_even_batch_and_class_index_targets():
+    module = tiny(**MIX)
+    with pytest.raises(UserInputError, match="even data.batch_size .e.g. 6."):
+        module.training_step((torch.randn(5, 3, 32, 32), torch.arange(5)), 0)
+    with pytest.raises(UserInputError, match="already has soft targets"):
+        module.training_step((torch.randn(4, 3, 32, 32), torch.rand(4, 10)), 0)
+    tiny().check_batch_size(5)  # without mixing any batch size works
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_mixing_stops_at_mixup_off_epoch():
+    module = tiny(**MIX, mixup_off_epoch=2, sched="none")
+    calls: list = []
+    epoch = lambda: module.current_epoch  # noqa: E731
+    module.soft_target_criterion = Spy(SoftTargetCrossEntropy(), calls, epoch)
+    module.train_criterion = Spy(module.train_criterion, calls, epoch)
+    trainer(max_epochs=3).fit(module, DataLoader(images(8), batch_size=4))  # 2 steps per epoch
+
+    assert [(e, soft) for e, soft, _ in calls] == [
+        (0, True), (0, True), (1, True), (1, True), (2, False), (2, False)
+    ]  # fmt: skip
+    # After it: label-smoothed hard targets, timm's LabelSmoothingCrossEntropy.
+    assert calls[-1][2].dtype == torch.long
+    assert module.train_criterion.loss.smoothing == 0.1
+
+
+# ------------------------------------------------------------------ lr scaling by global batch
+@pytest.mark.usefixtures("one_thread")
+def test_lr_scales_with_devices_and_accumulation(caplog):
+    module = tiny(sched="none", lr=4e-4, min_lr=1e-6, lr_base_size=512)
+    ddp = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", accumulate_grad_batches=3,
+                    logger=False)  # fmt: skip
+    module.trainer = ddp
+    ddp.datamodule = SimpleNamespace(batch_size=32)  # as a LightningDataModule exposes it
+    with caplog.at_level(logging.INFO):
+        optimizer = module.configure_optimizers()
+
+    expected = 4e-4 * (32 * 2 * 3) / 512  # per-device batch x world size x accumulation
+    assert module.effective_lr == pytest.approx(expected)
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx(
+        [expected] * len(optimizer.param_groups)
+    )
+    [message] = [r.getMessage() for r in caplog.records if "lr_base_size" in r.getMessage()]
+    assert "global batch 192 (32 per device x 2 devices x 3 accumulated)" in message
+    # warmup_lr and min_lr are not scaled (as in timm's train.py)
+    assert module.hparams.warmup_lr == 1e-6 and module.hparams.min_lr == 1e-6
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_scaled_lr_reaches_the_schedule_of_a_real_fit():
+    # No datamodule: the batch size comes from the train DataLoader.
+    module = tiny(lr=1e-3, min_lr=1e-5, warmup_epochs=1, lr_base_size=64)
+    lrs, final = _fit_and_record(module, max_epochs=2, accumulate_grad_batches=2)
+    peak = 1e-3 * (8 * 1 * 2) / 64
+    assert module.effective_lr == pytest.approx(peak)
+    # 4 batches = 2 optimizer steps per epoch; the recorder sees every batch
+    assert lrs[0] == pytest.approx(module.hparams.warmup_lr)
+    assert lrs[4] == pytest.approx(peak)  # end of warmup: the scaled lr
+    assert final == pytest.approx(1e-5)
+
+
+def test_lr_scaled_below_min_lr_is_rejected():
+    module = tiny(lr=1e-3, min_lr=1e-5, lr_base_size=4096)
+    assert module.scaled_lr(8192) == pytest.approx(2e-3)
+    with pytest.raises(UserInputError, match="below min_lr"):
+        module.scaled_lr(32)
+    assert tiny(lr=1e-3).scaled_lr(32) == 1e-3  # lr_base_size null: lr as given

@@ -14,7 +14,8 @@ from typing import ClassVar, Literal
 import lightning as L
 import torch
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from refiner_pl.errors import UserInputError
 
@@ -43,13 +44,44 @@ def check_triplet(name: str, value: Sequence[float], positive: bool = False) -> 
     return values
 
 
+class RepeatAugDistributedSampler(RepeatAugSampler, DistributedSampler):
+    """timm's `RepeatAugSampler`, declared a `DistributedSampler` so that Lightning keeps it.
+
+    Under a distributed strategy Lightning wraps every sampler that is not a
+    `DistributedSampler` in its `DistributedSamplerWrapper` (with ``use_distributed_sampler``,
+    the default), which would shard the already sharded indices a second time and send the
+    repeats of an image to the same device. Lightning documents the opposite case: "if a
+    distributed sampler was already added, Lightning will not replace the existing one" and
+    tells them apart with ``isinstance(sampler, DistributedSampler)``. The base class is only
+    that marker: every method comes from `RepeatAugSampler` (MRO), which shards by the
+    ``num_replicas`` / ``rank`` it is given, and Lightning calls its ``set_epoch`` each epoch.
+    The val/test/predict loaders keep Lightning's automatic samplers.
+    """
+
+    def __init__(
+        self, dataset: Dataset, num_replicas: int, rank: int, num_repeats: int, shuffle: bool = True
+    ) -> None:
+        RepeatAugSampler.__init__(
+            self,
+            dataset,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            num_repeats=num_repeats,
+        )
+        # DistributedSampler attributes that RepeatAugSampler does not set.
+        self.seed = 0  # RepeatAugSampler seeds its shuffle with the epoch alone
+        self.drop_last = False
+
+
 class ClassificationDataModule(L.LightningDataModule, ABC):
     """Base for image classification datamodules.
 
     Batches are ``(images, targets)`` with float32 images of shape ``(B, 3, img_size, img_size)``
     normalised by :attr:`mean` / :attr:`std`, and int64 class indices. The train loader
     shuffles and drops the last incomplete batch; val/test loaders do neither. Under
-    multi-device strategies Lightning swaps in its DistributedSampler automatically.
+    multi-device strategies Lightning swaps in its DistributedSampler automatically, except
+    for the train loader's `RepeatAugDistributedSampler`, which shards by itself.
 
     Args:
         data_dir: Dataset root directory.
@@ -64,6 +96,10 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         crop_pct: Eval centre-crop fraction: resize the short side to img_size / crop_pct,
             then centre-crop img_size; None uses the dataset's default.
         interpolation: Resize interpolation for evaluation (and resizing in general).
+        repeated_aug: Repeated augmentation (timm's ``RepeatAugSampler``, as in DeiT): each
+            epoch draws every train image this many times, each copy augmented independently
+            and sent to a different device, and keeps the epoch at one dataset's worth of
+            samples; 0 or 1 disables it (e.g. 3 for DeiT's recipe).
     """
 
     default_mean: ClassVar[tuple[float, float, float]] = IMAGENET_DEFAULT_MEAN
@@ -82,6 +118,7 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         std: tuple[float, float, float] | None = None,
         crop_pct: float | None = None,
         interpolation: str = "bicubic",
+        repeated_aug: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -98,6 +135,12 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
             raise UserInputError(
                 f"crop_pct is {crop_pct}: it must be in (0, 2], e.g. 0.875 (resize 256, crop 224)"
             )
+        if repeated_aug < 0:
+            raise UserInputError(
+                f"repeated_aug is {repeated_aug}: give the number of augmented copies of each "
+                "image per epoch (e.g. 3), or 0 to disable it"
+            )
+        self.repeated_aug = repeated_aug
         self.data_dir = data_dir
         # Public and mutable: Lightning's batch-size finder tunes `datamodule.batch_size`.
         self.batch_size = batch_size
@@ -162,15 +205,21 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches; the last incomplete batch is dropped."""
         dataset = self._require(self.train_set, "train", "fit")
-        # With drop_last, fewer samples than one batch would silently train on nothing.
         world_size = self.trainer.world_size if self.trainer is not None else 1
-        per_device = math.ceil(len(dataset) / world_size)
+        sampler = None
+        if self.repeated_aug > 1:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            sampler = RepeatAugDistributedSampler(
+                dataset, num_replicas=world_size, rank=rank, num_repeats=self.repeated_aug
+            )
+        # With drop_last, fewer samples than one batch would silently train on nothing.
+        per_device = len(sampler) if sampler is not None else math.ceil(len(dataset) / world_size)
         if per_device < self.batch_size:
             raise UserInputError(
                 f"the train split has {len(dataset)} images ({per_device} per device), fewer than "
                 f"batch_size {self.batch_size}, so no full batch exists: lower --data.batch_size"
             )
-        return self._loader(dataset, train=True)
+        return self._loader(dataset, train=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in dataset order."""
@@ -190,12 +239,13 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
             raise RuntimeError(f"the {split} split is not built: call setup('{stage}') first")
         return dataset
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        # No sampler here: Lightning injects a DistributedSampler (keeping `shuffle`) under DDP.
+    def _loader(self, dataset: Dataset, train: bool, sampler: Sampler | None = None) -> DataLoader:
+        # Without a sampler Lightning injects a DistributedSampler (keeping `shuffle`) under DDP.
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             # Pinning needs CUDA; on CPU-only hosts torch would only warn about it.

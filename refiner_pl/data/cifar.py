@@ -69,6 +69,7 @@ class _CIFARDataModule(ClassificationDataModule):
         interpolation: Resize interpolation (used when img_size != 32 or crop_pct < 1).
         hflip: Horizontal flip probability for training.
         padding: Zero padding (in pixels at 32x32) before the random training crop; 0 disables.
+        repeated_aug: Repeated augmentation: copies of each train image per epoch (0: off).
     """
 
     dataset_cls: ClassVar[type[CIFAR10]]
@@ -91,6 +92,7 @@ class _CIFARDataModule(ClassificationDataModule):
         interpolation: str = "bicubic",
         hflip: float = 0.5,
         padding: int = 4,
+        repeated_aug: int = 0,
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -103,6 +105,7 @@ class _CIFARDataModule(ClassificationDataModule):
             std=std,
             crop_pct=crop_pct,
             interpolation=interpolation,
+            repeated_aug=repeated_aug,
         )
         self.root = Path(data_dir).expanduser()
         self.download = download

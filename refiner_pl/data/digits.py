@@ -73,6 +73,7 @@ class DigitsDataModule(ClassificationDataModule):
         val_fraction: Fraction of the images held out (stratified) for validation.
         split_seed: Seed of the train/val split, fixed so runs are comparable.
         augment: Apply the random affine augmentation to training images.
+        repeated_aug: Repeated augmentation: copies of each train image per epoch (0: off).
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class DigitsDataModule(ClassificationDataModule):
         val_fraction: float = 0.2,
         split_seed: int = 0,
         augment: bool = True,
+        repeated_aug: int = 0,
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -100,6 +102,7 @@ class DigitsDataModule(ClassificationDataModule):
             mean=mean,
             std=std,
             interpolation=interpolation,
+            repeated_aug=repeated_aug,
         )
         if interpolation not in RESIZE_MODES:
             raise UserInputError(

@@ -64,6 +64,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         re_prob: RandomErasing probability (DeiT: 0.25).
         re_mode: RandomErasing fill: 'pixel' (per-pixel noise, DeiT), 'rand' or 'const'.
         re_count: Maximum number of erased regions per image.
+        repeated_aug: Repeated augmentation: copies of each train image per epoch (0: off).
     """
 
     layout: ClassVar[str] = (
@@ -92,6 +93,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         re_prob: float = 0.25,
         re_mode: str = "pixel",
         re_count: int = 1,
+        repeated_aug: int = 0,
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -104,6 +106,7 @@ class ImageFolderDataModule(ClassificationDataModule):
             std=std,
             crop_pct=crop_pct,
             interpolation=interpolation,
+            repeated_aug=repeated_aug,
         )
         self.root = Path(data_dir).expanduser()
         if not self.root.is_dir():
