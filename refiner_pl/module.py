@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -24,7 +25,10 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from refiner_pl.data.token_label import LabelMapCrop, TokenLabelMixup, dense_label_targets
 from refiner_pl.errors import UserInputError
+from refiner_pl.losses import TokenLabelLoss, attention_similarity_penalty
+from refiner_pl.models import init_weights_from
 
 Schedule = Literal["cosine", "tanh", "wsd", "rsqrt", "constant", "none"]
 """timm schedules that need nothing beyond warmup/min_lr/cooldown ("none" keeps lr constant)."""
@@ -76,6 +80,15 @@ class ImageClassifier(L.LightningModule):
             ``lr x global_batch / lr_base_size``, with ``global_batch = data.batch_size x
             world_size x trainer.accumulate_grad_batches`` (as timm's train.py, only ``lr`` is
             scaled, not ``warmup_lr`` or ``min_lr``); null uses ``lr`` as given.
+        init_from: weights to start from (fine-tuning): a Refiner-ViT release file, a model
+            saved with ``refiner_pl.models.save_model``, or a Lightning checkpoint of this
+            project. Another grid resamples the position embedding; another class count
+            starts the class heads afresh.
+        token_label_weight: weight of the dense patch-token loss when the data carries label
+            maps (``data.token_label_dir``; the release: 0.5).
+        attn_similarity_weight: the release's optional attention-similarity penalty (its
+            configs: 0.1); 0 disables it. It costs one extra forward pass per step.
+        attn_similarity_pairs: how many leading pairs of consecutive blocks it compares.
 
     Mixup/CutMix (timm's ``Mixup``) run in ``training_step`` on the device, on whole batches,
     which must hold an even number of images; the loss is then timm's
@@ -113,6 +126,10 @@ class ImageClassifier(L.LightningModule):
         mixup_mode: MixupMode = "batch",
         mixup_off_epoch: int | None = None,
         lr_base_size: int | None = None,
+        init_from: str | None = None,
+        token_label_weight: float = 0.5,
+        attn_similarity_weight: float = 0.0,
+        attn_similarity_pairs: int = 4,
     ) -> None:
         super().__init__()
         _check_hparams(locals())
@@ -127,6 +144,14 @@ class ImageClassifier(L.LightningModule):
             drop_path_rate=drop_path_rate,
             **(model_kwargs or {}),
         )
+        depth = len(getattr(self.model, "blocks", ()))
+        if attn_similarity_weight > 0 and not 1 <= attn_similarity_pairs < depth:
+            raise UserInputError(
+                f"attn_similarity_pairs={attn_similarity_pairs} needs that many pairs of "
+                f"consecutive blocks, and {model_name} has {depth} blocks: use 1 to {depth - 1}"
+            )
+        if init_from is not None:
+            init_weights_from(self.model, init_from)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
 
@@ -145,6 +170,21 @@ class ImageClassifier(L.LightningModule):
             if mixing
             else None
         )
+        # The same mixing for token-labelled batches, which also mixes the dense targets.
+        self.token_mixup: TokenLabelMixup | None = (
+            TokenLabelMixup(
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                prob=mixup_prob,
+                switch_prob=mixup_switch_prob,
+                mode="batch",
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+            if mixing and mixup_mode == "batch"
+            else None
+        )
+        self.token_label_loss = TokenLabelLoss(token_label_weight, label_smoothing)
         self.effective_lr: float | None = None  # the peak lr of the latest fit, once scaled
 
         # Hard targets: (smoothed) cross entropy. Soft targets (mixup/cutmix) already carry
@@ -174,7 +214,9 @@ class ImageClassifier(L.LightningModule):
         return self.model(x)
 
     # ----------------------------------------------------------------------------------- steps
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        if len(batch) == 3:  # (images, targets, label-map crops) from a token-label dataset
+            return self._token_label_step(*batch)
         x, y = batch
         if self.mixing:
             if y.is_floating_point():
@@ -192,6 +234,40 @@ class ImageClassifier(L.LightningModule):
             loss = self.train_criterion(logits, y)
         self.train_metrics.update(logits, y)
         self.log("train/loss", loss, prog_bar=True)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def _token_label_step(self, x: Tensor, y: Tensor, crops: LabelMapCrop) -> Tensor:
+        """The release's token labelling: MixToken, class + 0.5 x dense loss on label maps."""
+        model, hp = self.model, self.hparams
+        if not hasattr(model, "forward_train"):
+            raise UserInputError(
+                f"token labelling needs a model with a token head, but {hp.model_name} has "
+                "none: use a refiner_vit_* model or drop data.token_label_dir"
+            )
+        grid = (x.shape[-2] // model.patch_size, x.shape[-1] // model.patch_size)
+        dense = dense_label_targets(crops, hp.num_classes, grid, smoothing=hp.label_smoothing)
+        if self.mixing:
+            if self.token_mixup is None:
+                raise UserInputError(
+                    "token labelling mixes whole batches: set model.mixup_mode to batch"
+                )
+            self.check_batch_size(x.shape[0])
+            x, y, dense = self.token_mixup(x, y, dense, grid)
+        out = model.forward_train(x)
+        parts = self.token_label_loss.parts(out, y, dense)
+        loss = parts.loss
+        if hp.attn_similarity_weight > 0:
+            maps = model.forward_attention_maps(x)
+            penalty = attention_similarity_penalty(
+                maps, hp.attn_similarity_pairs, weight=hp.attn_similarity_weight
+            )
+            self.log("train/attn_similarity", penalty)
+            loss = loss + penalty
+        target = y.argmax(dim=-1) if y.is_floating_point() else y
+        self.train_metrics.update(out.cls_logits, target)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/dense_loss", parts.dense_loss)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
 
@@ -431,6 +507,19 @@ def _check_hparams(hp: dict[str, Any]) -> None:
     if hp["layer_decay"] is not None and not 0 < hp["layer_decay"] <= 1:
         raise UserInputError(
             f"layer_decay must be in (0, 1] or null, got {hp['layer_decay']}; fix model.layer_decay"
+        )
+    for key in ("token_label_weight", "attn_similarity_weight"):
+        if hp[key] < 0:
+            raise UserInputError(f"{key} must be >= 0, got {hp[key]}; fix model.{key}")
+    if hp["attn_similarity_pairs"] < 1:
+        raise UserInputError(
+            f"attn_similarity_pairs must be >= 1, got {hp['attn_similarity_pairs']}; fix "
+            "model.attn_similarity_pairs"
+        )
+    if hp["init_from"] is not None and not Path(hp["init_from"]).expanduser().is_file():
+        raise UserInputError(
+            f"init_from '{hp['init_from']}' is not a file: point model.init_from at a release, "
+            "model or Lightning checkpoint"
         )
     if hp["opt_betas"] is not None and not all(0 <= b < 1 for b in hp["opt_betas"]):
         raise UserInputError(f"opt_betas must be in [0, 1), got {hp['opt_betas']}")

@@ -12,6 +12,11 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 
 from refiner_pl.data.base import ClassificationDataModule, Split
+from refiner_pl.data.token_label import (
+    MissingLabelMaps,
+    TokenLabelImageFolder,
+    TokenLabelTransform,
+)
 from refiner_pl.data.transforms import build_eval_transform, build_train_transform
 from refiner_pl.errors import UserInputError
 
@@ -65,6 +70,11 @@ class ImageFolderDataModule(ClassificationDataModule):
         re_mode: RandomErasing fill: 'pixel' (per-pixel noise, DeiT), 'rand' or 'const'.
         re_count: Maximum number of erased regions per image.
         repeated_aug: Repeated augmentation: copies of each train image per epoch (0: off).
+        token_label_dir: Token labelling: folder of per-image label maps in the format LV-ViT
+            publishes, ``<token_label_dir>/<class>/<image stem>.pt``; train batches then are
+            ``(images, targets, LabelMapCrop)``. None: plain classification.
+        missing_label_maps: Images without a label map: ``error`` (at construction),
+            ``skip`` them, or ``class_label`` (a map of the image's own class).
     """
 
     layout: ClassVar[str] = (
@@ -94,6 +104,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         re_mode: str = "pixel",
         re_count: int = 1,
         repeated_aug: int = 0,
+        token_label_dir: str | None = None,
+        missing_label_maps: MissingLabelMaps = "error",
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -148,6 +160,17 @@ class ImageFolderDataModule(ClassificationDataModule):
             crop_pct=self.crop_pct,
             interpolation=interpolation,
         )
+        # Token labelling: the train split carries each image's label map, cut to its crop.
+        # Built here, so missing maps are reported before any run starts.
+        self.token_label_train_set: TokenLabelImageFolder | None = None
+        if token_label_dir is not None:
+            self.token_label_train_set = TokenLabelImageFolder(
+                self.root / "train",
+                token_label_dir,
+                TokenLabelTransform.from_timm(self.train_transform),
+                missing_label_maps,
+                label_map_classes=self.label_map_classes,
+            )
 
     def _scan_split(self, split: Split) -> list[str]:
         """Returns the sorted class folder names of `split`, checking each holds an image."""
@@ -184,9 +207,16 @@ class ImageFolderDataModule(ClassificationDataModule):
         """Number of class folders in ``train/``."""
         return len(self._folders)
 
+    @property
+    def label_map_classes(self) -> list[str] | None:
+        """Class names the label maps' indices refer to; None: this dataset's own classes."""
+        return None
+
     def _build_split(self, split: Split) -> Dataset | None:
         if split == "test" and not self.has_test_split:
             return None
+        if split == "train" and self.token_label_train_set is not None:
+            return self.token_label_train_set
         transform = self.train_transform if split == "train" else self.eval_transform
         return ImageFolder(str(self.root / split), transform=transform)
 
@@ -234,3 +264,9 @@ class ImageNetDataModule(ImageFolderDataModule):
     def class_names(self) -> list[str]:
         """ImageNet names of the wnid folders (else the folder names), in class-index order."""
         return imagenet_class_names(self._folders) or list(self._folders)
+
+    @property
+    def label_map_classes(self) -> list[str] | None:
+        """Published ImageNet label maps index the 1000 wnids: map them onto these folders."""
+        wnids = _imagenet_info().label_names()
+        return list(wnids) if set(self._folders) <= set(wnids) else None
