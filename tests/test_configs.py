@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import yaml
 
 from refiner_pl.cli import main
+from refiner_pl.models import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -27,12 +29,14 @@ MODELS = ["model/plain_vit_tiny.yaml", "model/refiner_vit_tiny.yaml", "model/ref
           "model/refiner_vit_m.yaml", "model/refiner_vit_l.yaml"]  # fmt: skip
 TRAINERS = ["trainer/cpu.yaml", "trainer/gpu_bf16.yaml"]
 DDP = ["trainer/ddp_bf16.yaml", "imagenet/refiner_vit_s.yaml", "imagenet/refiner_vit_m.yaml",
-       "imagenet/refiner_vit_l.yaml"]  # fmt: skip
+       "imagenet/refiner_vit_l.yaml", "imagenet/finetune_refiner_vit_l_448.yaml"]  # fmt: skip
 
 
 def test_every_config_file_is_exercised():
     found = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))
-    assert found == sorted(["quickstart.yaml", *DATA, *MODELS, *TRAINERS, *DDP])
+    assert found == sorted(
+        ["quickstart.yaml", "finetune_cifar100.yaml", *DATA, *MODELS, *TRAINERS, *DDP]
+    )
 
 
 def run_in_process(*args: str) -> None:
@@ -72,12 +76,27 @@ def test_trainer_config(config, tmp_path, monkeypatch):
     run_in_process("--config", QUICKSTART, "--trainer", str(CONFIGS / config), *ON_CPU, *FAST)
 
 
+def saved_preset(name: str, path: Path) -> str:
+    """A 224 px model file of the preset, to fine-tune from."""
+    return str(save_model(timm.create_model(name), path))
+
+
+def test_cifar100_transfer_config(tmp_path, monkeypatch, cifar_root):
+    monkeypatch.chdir(tmp_path)
+    init = saved_preset("refiner_vit_s", tmp_path / "s.pt")
+    data = ["--data.data_dir", str(cifar_root.path), *SMALL_IMAGES]
+    config = ["--config", str(CONFIGS / "finetune_cifar100.yaml"), "--model.init_from", init]
+    run_in_process(*config, *data, *ON_CPU, *FAST)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", DDP)
 def test_ddp_config_in_a_subprocess(config, tmp_path, jpeg_tree):
     if config.startswith("imagenet/"):
         args = ["--config", str(CONFIGS / config), "--data.data_dir", str(jpeg_tree.path)]
         args += SMALL_IMAGES
+        if "finetune" in config:  # 224 px weights fine-tuned at 32 px: pos_embed resampled
+            args += ["--model.init_from", saved_preset("refiner_vit_l", tmp_path / "l.pt")]
     else:
         args = ["--config", QUICKSTART, "--trainer", str(CONFIGS / config)]
     result = subprocess.run(
