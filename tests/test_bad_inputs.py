@@ -75,3 +75,10 @@ def test_img_size_not_divisible_by_patch(tmp_path):
 )
 def test_model_and_data_arguments(tmp_path, args, expected):
     assert expected in fails_cleanly(tmp_path, "fit", "--config", QUICKSTART, *args)
+
+
+def test_init_from_that_is_not_a_file(tmp_path):
+    line = fails_cleanly(
+        tmp_path, "fit", "--config", QUICKSTART, "--model.init_from", "no/such/weights.pth"
+    )
+    assert "init_from 'no/such/weights.pth' is not a file" in line
