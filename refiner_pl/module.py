@@ -151,7 +151,8 @@ class ImageClassifier(L.LightningModule):
                 f"consecutive blocks, and {model_name} has {depth} blocks: use 1 to {depth - 1}"
             )
         if init_from is not None:
-            init_weights_from(self.model, init_from)
+            report = init_weights_from(self.model, init_from)
+            rank_zero_info(f"model.init_from {init_from}: {report.summary()}")
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
 

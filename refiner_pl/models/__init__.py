@@ -1,6 +1,7 @@
 """Refiner-ViT models: the architecture, its timm presets and release-checkpoint loading."""
 
 from refiner_pl.models.checkpoint import (
+    InitReport,
     count_parameters,
     from_official_checkpoint,
     infer_model_args,
@@ -22,6 +23,7 @@ from refiner_pl.models.refiner_vit import (
 )
 
 __all__ = [
+    "InitReport",
     "PRESETS",
     "AttentionMaps",
     "AttentionRefiner",

@@ -12,7 +12,7 @@ import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from refiner_pl.errors import UserInputError
 from refiner_pl.models.refiner_vit import RefinerViT, release_to_refiner_pl
 
 __all__ = [
+    "InitReport",
     "from_official_checkpoint",
     "init_weights_from",
     "infer_model_args",
@@ -259,14 +260,30 @@ def _weights_of(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return release_to_refiner_pl(unwrap_state_dict(checkpoint))
 
 
+class InitReport(NamedTuple):
+    """What :func:`init_weights_from` did with each tensor of the model."""
+
+    kept: list[str]
+    resampled: list[str]
+    reinitialised: list[str]
+
+    def summary(self) -> str:
+        parts = [f"kept {len(self.kept)} tensors"]
+        if self.resampled:
+            parts.append(f"resampled {', '.join(self.resampled)} to the new grid")
+        if self.reinitialised:
+            parts.append(f"re-initialised {', '.join(self.reinitialised)} (new class count)")
+        return "; ".join(parts)
+
+
 def init_weights_from(
     model: nn.Module, path_or_checkpoint: str | os.PathLike | Mapping[str, Any]
-) -> nn.Module:
+) -> InitReport:
     """Initialise ``model`` for fine-tuning from a release file, one of ours, or a Lightning
-    checkpoint of this project.
+    checkpoint of this project, and say what was kept, resampled and re-initialised.
 
     A different patch grid resamples the position embedding; a different class count starts
-    the class heads afresh (logged); anything else that does not fit is an error.
+    the class heads afresh; anything else that does not fit is an error.
     """
     if isinstance(path_or_checkpoint, Mapping):
         source, raw = "the checkpoint", path_or_checkpoint
@@ -275,18 +292,27 @@ def init_weights_from(
     state_dict = _weights_of(raw)
     own = model.state_dict()
     heads = [k for k in state_dict if k.startswith(("head.", "aux_head."))]
-    if any(k in own and own[k].shape != state_dict[k].shape for k in heads):
-        _logger.warning("%s has another class count: the class heads start afresh", source)
+    reinitialised = [k for k in heads if k in own and own[k].shape != state_dict[k].shape]
+    if reinitialised:
         state_dict = {k: v for k, v in state_dict.items() if k not in heads}
+        reinitialised = [k for k in own if k.startswith(("head.", "aux_head."))]
+    resampled = [
+        k
+        for k in ("pos_embed",)
+        if k in state_dict and k in own and state_dict[k].shape != own[k].shape
+    ]
     result = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(("head.", "aux_head."))]
+    missing = [k for k in result.missing_keys if k not in reinitialised]
     if missing or result.unexpected_keys:
         raise UserInputError(
             f"{source} does not fit model {type(model).__name__}: missing {missing[:4]}, "
             f"unexpected {result.unexpected_keys[:4]}; initialise from a checkpoint of the "
             "same architecture (or change model_name/model_kwargs to match it)"
         )
-    return model
+    kept = [k for k in own if k not in reinitialised and k not in resampled]
+    report = InitReport(kept, resampled, reinitialised)
+    _logger.info("weights from %s: %s", source, report.summary())
+    return report
 
 
 def count_parameters(model: nn.Module) -> int:
