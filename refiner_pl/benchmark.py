@@ -44,8 +44,11 @@ def _autocast(device: torch.device, precision: Precision):
     return torch.autocast(device.type, dtype=_DTYPES[precision])
 
 
-def _build(name: str, img_size: int, device: torch.device, channels_last: bool, compile_: bool):
-    model = timm.create_model(name, img_size=img_size, num_classes=1000).to(device)
+def _build(name: str, cfg: dict[str, Any], device: torch.device):
+    kwargs = cfg["model_kwargs"] if name == cfg["model"] else {}
+    model = timm.create_model(name, img_size=cfg["img_size"], num_classes=1000, **kwargs)
+    model = model.to(device)
+    channels_last, compile_ = cfg["channels_last"], cfg["compile"]
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return torch.compile(model) if compile_ else model
@@ -56,7 +59,7 @@ class _Runner:
 
     def __init__(self, name: str, cfg: dict[str, Any], device: torch.device) -> None:
         self.name, self.cfg, self.device = name, cfg, device
-        self.model = _build(name, cfg["img_size"], device, cfg["channels_last"], cfg["compile"])
+        self.model = _build(name, cfg, device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.x = torch.randn(cfg["batch_size"], 3, cfg["img_size"], cfg["img_size"], device=device)
         if cfg["channels_last"]:
@@ -121,6 +124,7 @@ def _peak_memory_mb(name: str, cfg: dict[str, Any], mode: str, device: torch.dev
 def throughput(
     model: str = "refiner_vit_s",
     baseline: str = "deit_small_patch16_224",
+    model_kwargs: dict[str, Any] | None = None,
     img_size: int = 224,
     batch_size: int = 8,
     precision: Precision = "fp32",
@@ -139,6 +143,7 @@ def throughput(
     torch.manual_seed(0)
     dev = torch.device(device)
     cfg = dict(
+        model=model, model_kwargs=model_kwargs or {},
         img_size=img_size, batch_size=batch_size, precision=precision,
         channels_last=channels_last, compile=compile, threads=threads,
     )  # fmt: skip
