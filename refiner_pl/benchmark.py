@@ -147,6 +147,15 @@ def throughput(
         img_size=img_size, batch_size=batch_size, precision=precision,
         channels_last=channels_last, compile=compile, threads=threads,
     )  # fmt: skip
+    # Memory first: on Linux a child's peak-RSS counter starts from its parent's, so the
+    # children must be started while this process is still small.
+    peaks = {
+        name: {
+            f"{mode}_peak_mb": _peak_memory_mb(name, cfg, mode, dev) for mode in ("train", "infer")
+        }
+        for name in (model, baseline)
+        if memory
+    }
     runners = {name: _Runner(name, cfg, dev) for name in (model, baseline)}
     for runner in runners.values():  # warm-up (and compilation)
         runner.train_step()
@@ -178,9 +187,7 @@ def throughput(
             "train_img_s": statistics.median(samples[name]["train"]),
             "infer_img_s": statistics.median(samples[name]["infer"]),
         }
-        if memory:
-            entry["train_peak_mb"] = _peak_memory_mb(name, cfg, "train", dev)
-            entry["infer_peak_mb"] = _peak_memory_mb(name, cfg, "infer", dev)
+        entry.update(peaks.get(name, {}))
         result["models"][name] = entry
     ours, base = result["models"][model], result["models"][baseline]
     result["ratio"] = {
