@@ -5,6 +5,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import quiet_trainer as trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from refiner_pl.callbacks import EMA, has_ema_weights, load_ema_weights
@@ -29,18 +30,6 @@ def loader(n: int = 16, batch_size: int = 4, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     data = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.arange(n) % 10)
     return DataLoader(data, batch_size=batch_size)
-
-
-def trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
