@@ -158,32 +158,18 @@ class ImageClassifier(L.LightningModule):
 
         # Batch-level mixing of images and targets; the mixed targets carry the smoothing.
         mixing = (mixup_alpha > 0 or cutmix_alpha > 0) and mixup_prob > 0
-        self.mixup: Mixup | None = (
-            Mixup(
-                mixup_alpha=mixup_alpha,
-                cutmix_alpha=cutmix_alpha,
-                prob=mixup_prob,
-                switch_prob=mixup_switch_prob,
-                mode=mixup_mode,
-                label_smoothing=label_smoothing,
-                num_classes=num_classes,
-            )
-            if mixing
-            else None
+        mix_args = dict(
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+            prob=mixup_prob,
+            switch_prob=mixup_switch_prob,
+            label_smoothing=label_smoothing,
+            num_classes=num_classes,
         )
+        self.mixup: Mixup | None = Mixup(mode=mixup_mode, **mix_args) if mixing else None
         # The same mixing for token-labelled batches, which also mixes the dense targets.
         self.token_mixup: TokenLabelMixup | None = (
-            TokenLabelMixup(
-                mixup_alpha=mixup_alpha,
-                cutmix_alpha=cutmix_alpha,
-                prob=mixup_prob,
-                switch_prob=mixup_switch_prob,
-                mode="batch",
-                label_smoothing=label_smoothing,
-                num_classes=num_classes,
-            )
-            if mixing and mixup_mode == "batch"
-            else None
+            TokenLabelMixup(mode="batch", **mix_args) if mixing and mixup_mode == "batch" else None
         )
         self.token_label_loss = TokenLabelLoss(token_label_weight, label_smoothing)
         self.effective_lr: float | None = None  # the peak lr of the latest fit, once scaled
