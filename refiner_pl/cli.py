@@ -144,6 +144,13 @@ class RefinerCLI(LightningCLI):
         if not self.subcommand or not self.config[self.subcommand].get("ckpt_path"):
             return
         restored = vars(self.config[self.subcommand].model.init_args)
+        if restored.get("init_from") is not None:
+            # The checkpoint's weights replace whatever init_from would load.
+            rank_zero_info(
+                f"ckpt_path given: model.init_from {restored['init_from']} is not loaded"
+            )
+            self.config[self.subcommand].model.init_args.init_from = None
+            self._given_model_args.pop("init_from", None)
         replaced = [
             f"model.{key}={given!r} -> {restored[key]!r}"
             for key, given in self._given_model_args.items()

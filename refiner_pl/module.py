@@ -133,7 +133,9 @@ class ImageClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         _check_hparams(locals())
-        self.save_hyperparameters()
+        # init_from only shapes a fresh start: a checkpoint restored later brings its own
+        # weights, so the file is not recorded (config.yaml in the run folder keeps it).
+        self.save_hyperparameters(ignore=["init_from"])
 
         self.model = _create_model(
             model_name,

@@ -1,6 +1,7 @@
 """Fine-tuning with `model.init_from`: another resolution, another class count, logged."""
 
 import logging
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -60,3 +61,22 @@ def test_other_class_count_reinitialises_only_the_heads(checkpoint_32px, caplog)
     kept = len(state) - len(heads)
     assert f"kept {kept} tensors" in caplog.text
     assert "re-initialised head.weight, head.bias, aux_head.weight, aux_head.bias" in caplog.text
+
+
+def test_a_finetuned_run_validates_without_its_init_file(checkpoint_32px, tmp_path, monkeypatch):
+    """The fine-tuned checkpoint carries its weights: init_from is neither needed nor loaded."""
+    from refiner_pl.cli import main
+
+    source, _ = checkpoint_32px
+    init = tmp_path / "init.ckpt"
+    init.write_bytes(Path(source).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    quickstart = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    fit = ["fit", "--config", quickstart, "--model.init_from", str(init)]
+    main([*fit, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+          "--model.warmup_epochs", "0.5", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    [last] = tmp_path.glob("runs/quickstart/version_0/checkpoints/last.ckpt")
+    init.unlink()
+    main(["validate", "--config", quickstart, "--model.init_from", str(init),
+          "--ckpt_path", str(last), "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    assert "init_from" not in torch.load(last, weights_only=True)["hyper_parameters"]
