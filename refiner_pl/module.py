@@ -147,6 +147,11 @@ class ImageClassifier(L.LightningModule):
             **(model_kwargs or {}),
         )
         depth = len(getattr(self.model, "blocks", ()))
+        if attn_similarity_weight > 0 and not hasattr(self.model, "forward_attention_maps"):
+            raise UserInputError(
+                f"attn_similarity_weight needs a model that exposes its attention maps, and "
+                f"{model_name} does not: use a refiner_vit_* model or set it to 0"
+            )
         if attn_similarity_weight > 0 and not 1 <= attn_similarity_pairs < depth:
             raise UserInputError(
                 f"attn_similarity_pairs={attn_similarity_pairs} needs that many pairs of "
@@ -215,12 +220,17 @@ class ImageClassifier(L.LightningModule):
                 )
             self.check_batch_size(x.shape[0])
             x, y = self.mixup(x, y)  # in place on the device; y: (B, C) soft targets
-        logits = self(x)
+        maps = [] if self.hparams.attn_similarity_weight > 0 else None
+        if maps is None:
+            logits = self(x)
+        else:  # the maps come from this same pass: BatchNorm statistics update once per step
+            logits = self.model.forward_head(self.model.forward_features(x, maps_out=maps))
         if y.is_floating_point():  # soft targets (B, C), e.g. from mixup/cutmix
             loss = self.soft_target_criterion(logits, y)
             y = y.argmax(dim=-1)
         else:
             loss = self.train_criterion(logits, y)
+        loss = loss + self._attn_similarity(maps)
         self.train_metrics.update(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
@@ -243,22 +253,27 @@ class ImageClassifier(L.LightningModule):
                 )
             self.check_batch_size(x.shape[0])
             x, y, dense = self.token_mixup(x, y, dense, grid)
-        out = model.forward_train(x)
+        maps = [] if hp.attn_similarity_weight > 0 else None
+        out = model.forward_train(x, maps_out=maps)
         parts = self.token_label_loss.parts(out, y, dense)
-        loss = parts.loss
-        if hp.attn_similarity_weight > 0:
-            maps = model.forward_attention_maps(x)
-            penalty = attention_similarity_penalty(
-                maps, hp.attn_similarity_pairs, weight=hp.attn_similarity_weight
-            )
-            self.log("train/attn_similarity", penalty)
-            loss = loss + penalty
+        loss = parts.loss + self._attn_similarity(maps)
         target = y.argmax(dim=-1) if y.is_floating_point() else y
         self.train_metrics.update(out.cls_logits, target)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/dense_loss", parts.dense_loss)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
+
+    def _attn_similarity(self, maps: list | None) -> Tensor | float:
+        """The release's optional penalty on similar maps in consecutive blocks (0 if off)."""
+        if maps is None:
+            return 0.0
+        hp = self.hparams
+        penalty = attention_similarity_penalty(
+            maps, hp.attn_similarity_pairs, weight=hp.attn_similarity_weight
+        )
+        self.log("train/attn_similarity", penalty)
+        return penalty
 
     @property
     def mixing(self) -> bool:

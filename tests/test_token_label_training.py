@@ -55,6 +55,25 @@ def test_token_label_training_steps_are_finite(jpeg_tree, tmp_path):
     assert metrics["train/attn_similarity"] > 0
     changed = [k for k, v in module.model.state_dict().items() if not torch.equal(v, before[k])]
     assert "aux_head.weight" in changed  # the dense loss trains the token head
+    # the penalty reads the maps of the training pass itself: BatchNorm saw 3 batches, not 6
+    assert module.model.blocks[1].attn.adapt_bn.num_batches_tracked.item() == 3
+
+
+def test_attn_similarity_penalty_without_token_labels(jpeg_tree):
+    data = ImageNetDataModule(
+        data_dir=str(jpeg_tree.path), img_size=32, batch_size=4, num_workers=0
+    )
+    module = ImageClassifier(
+        model_name="refiner_vit_tiny", num_classes=3, img_size=32, warmup_epochs=0,
+        attn_similarity_weight=0.1, attn_similarity_pairs=3,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    assert trainer.callback_metrics["train/attn_similarity"] > 0
+    assert module.model.blocks[1].attn.adapt_bn.num_batches_tracked.item() == 2
 
 
 def test_attn_similarity_pairs_beyond_the_depth_is_refused():

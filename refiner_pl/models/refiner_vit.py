@@ -589,10 +589,14 @@ class RefinerViT(nn.Module):
         return self.norm(x)
 
     def forward_features(
-        self, x: torch.Tensor, mix_box: tuple[int, int, int, int] | None = None
+        self,
+        x: torch.Tensor,
+        mix_box: tuple[int, int, int, int] | None = None,
+        maps_out: list[AttentionMaps] | None = None,
     ) -> torch.Tensor:
-        """Tokens (B, 1 + G*G, D) after the final norm; ``mix_box`` applies MixToken."""
-        return self._blocks(self._embed(x, mix_box))
+        """Tokens (B, 1 + G*G, D) after the final norm; ``mix_box`` applies MixToken and
+        ``maps_out``, when given, collects every block's maps from this same pass."""
+        return self._blocks(self._embed(x, mix_box), maps_out)
 
     def forward_head(
         self, x: torch.Tensor, pre_logits: bool = False, cls_only: bool = False
@@ -632,7 +636,12 @@ class RefinerViT(nn.Module):
         kept = 1.0 - (bottom - top) * (right - left) / (gh * gw)
         return (top, left, bottom, right), kept
 
-    def forward_train(self, x: torch.Tensor, mix_token: bool | None = None) -> TokenLabelOutput:
+    def forward_train(
+        self,
+        x: torch.Tensor,
+        mix_token: bool | None = None,
+        maps_out: list[AttentionMaps] | None = None,
+    ) -> TokenLabelOutput:
         """Token-labelling output: class logits, per-patch logits (B, G*G, C), MixToken box.
 
         MixToken (default: the model's ``mix_token``) only ever applies in training mode. The
@@ -647,7 +656,7 @@ class RefinerViT(nn.Module):
         box, lam = None, 1.0
         if mix_token and self.training:
             box, lam = self.sample_mix_box(grid)
-        tokens = self.forward_features(x, box)
+        tokens = self.forward_features(x, box, maps_out)
         cls_logits = self.head(self.head_drop(tokens[:, 0]))
         aux_logits = self.aux_head(tokens[:, self.num_prefix_tokens :])
         if box is not None:
