@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.distributed_sampler import RepeatAugSampler
@@ -96,10 +97,13 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         crop_pct: Eval centre-crop fraction: resize the short side to img_size / crop_pct,
             then centre-crop img_size; None uses the dataset's default.
         interpolation: Resize interpolation for evaluation (and resizing in general).
-        repeated_aug: Repeated augmentation (timm's ``RepeatAugSampler``, as in DeiT): each
-            epoch draws every train image this many times, each copy augmented independently
-            and sent to a different device, and keeps the epoch at one dataset's worth of
-            samples; 0 or 1 disables it (e.g. 3 for DeiT's recipe).
+        repeated_aug: Repeated augmentation (timm's ``RepeatAugSampler``, as in DeiT): every
+            train image is drawn this many times per epoch, each copy augmented independently,
+            and consecutive copies go to consecutive devices, while an epoch keeps one
+            dataset's worth of samples. With at least this many devices every copy lands on
+            another device; with fewer, copies share a device and an epoch sees only about
+            devices / repeated_aug of the distinct images (a warning says so). 0 or 1
+            disables it (DeiT uses 3 on 8+ GPUs).
     """
 
     default_mean: ClassVar[tuple[float, float, float]] = IMAGENET_DEFAULT_MEAN
@@ -212,6 +216,13 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
             sampler = RepeatAugDistributedSampler(
                 dataset, num_replicas=world_size, rank=rank, num_repeats=self.repeated_aug
             )
+            if world_size < self.repeated_aug:
+                rank_zero_warn(
+                    f"repeated_aug={self.repeated_aug} on {world_size} device(s): copies of an "
+                    "image share a device and each epoch sees about "
+                    f"{world_size}/{self.repeated_aug} of the distinct images; use it with at "
+                    "least as many devices as repeats"
+                )
         # With drop_last, fewer samples than one batch would silently train on nothing.
         per_device = len(sampler) if sampler is not None else math.ceil(len(dataset) / world_size)
         if per_device < self.batch_size:

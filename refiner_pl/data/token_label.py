@@ -172,10 +172,10 @@ def dense_label_targets(
 
 
 def crop_label_target(crops: LabelMapCrop, num_classes: int, smoothing: float = 0.0) -> Tensor:
-    """The label map's verdict on the whole crop, (B, num_classes): the release's class target.
+    """The label map's verdict on the whole crop, (B, num_classes): RoIAlign to 1 x 1, softmax.
 
-    The release trains the class token on this (RoIAlign to 1 x 1, then softmax), not on the
-    ground-truth label.
+    An alternative class target for experiments; ImageClassifier trains the class token on
+    the image's own (mixed) class label, as the spec's token-labelling loss does.
     """
     return dense_label_targets(crops, num_classes, 1, smoothing)[:, 0]
 
