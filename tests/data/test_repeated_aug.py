@@ -1,5 +1,6 @@
 """Repeated augmentation: timm's RepeatAugSampler in the train loader, sharded per device."""
 
+import warnings
 from collections import Counter
 from types import SimpleNamespace
 
@@ -99,3 +100,17 @@ def test_bad_repeated_aug_values(jpeg_tree):
     dm.setup("fit")
     with pytest.raises(UserInputError, match=r"\(6 per device\), fewer than batch_size 8"):
         dm.train_dataloader()
+
+
+def test_fewer_devices_than_repeats_warns(jpeg_tree):
+    dm = datamodule(jpeg_tree.path)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=0)
+    dm.setup("fit")
+    with pytest.warns(UserWarning, match=r"repeated_aug=3 on 2 device\(s\): copies of an image"):
+        dm.train_dataloader()
+    enough = datamodule(jpeg_tree.path, repeated_aug=2)
+    enough.trainer = SimpleNamespace(world_size=2, global_rank=0)
+    enough.setup("fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enough.train_dataloader()
