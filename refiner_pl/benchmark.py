@@ -49,6 +49,10 @@ def _build(name: str, cfg: dict[str, Any], device: torch.device):
     model = timm.create_model(name, img_size=cfg["img_size"], num_classes=1000, **kwargs)
     model = model.to(device)
     channels_last, compile_ = cfg["channels_last"], cfg["compile"]
+    if name == cfg["model"] and cfg["checkpointing"] == "blocks":
+        model.set_grad_checkpointing(True)
+    elif name == cfg["model"] and cfg["checkpointing"] == "refiner":
+        model.set_refiner_checkpointing(True)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return torch.compile(model) if compile_ else model
@@ -125,6 +129,7 @@ def throughput(
     model: str = "refiner_vit_s",
     baseline: str = "deit_small_patch16_224",
     model_kwargs: dict[str, Any] | None = None,
+    checkpointing: Literal["off", "refiner", "blocks"] = "off",
     img_size: int = 224,
     batch_size: int = 8,
     precision: Precision = "fp32",
@@ -143,7 +148,7 @@ def throughput(
     torch.manual_seed(0)
     dev = torch.device(device)
     cfg = dict(
-        model=model, model_kwargs=model_kwargs or {},
+        model=model, model_kwargs=model_kwargs or {}, checkpointing=checkpointing,
         img_size=img_size, batch_size=batch_size, precision=precision,
         channels_last=channels_last, compile=compile, threads=threads,
     )  # fmt: skip

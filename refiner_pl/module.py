@@ -54,6 +54,8 @@ class ImageClassifier(L.LightningModule):
         drop_path_rate: stochastic depth rate.
         model_kwargs: extra keyword arguments for ``timm.create_model``.
         grad_checkpointing: trade compute for memory with activation checkpointing.
+        refiner_checkpointing: recompute only the refiners' expanded attention maps in
+            backward (Refiner-ViT): most of the memory saving at a fraction of the cost.
         lr: peak (base) learning rate, reached at the end of warmup.
         weight_decay: decoupled weight decay; timm excludes biases, norms and
             ``model.no_weight_decay()`` names (pos_embed, cls_token, ...).
@@ -107,6 +109,7 @@ class ImageClassifier(L.LightningModule):
         drop_path_rate: float = 0.1,
         model_kwargs: dict[str, Any] | None = None,
         grad_checkpointing: bool = False,
+        refiner_checkpointing: bool = False,
         lr: float = 5e-4,
         weight_decay: float = 0.05,
         opt: str = "adamw",
@@ -162,6 +165,13 @@ class ImageClassifier(L.LightningModule):
             rank_zero_info(f"model.init_from {init_from}: {report.summary()}")
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        if refiner_checkpointing:
+            if not hasattr(self.model, "set_refiner_checkpointing"):
+                raise UserInputError(
+                    f"refiner_checkpointing needs a Refiner-ViT, and {model_name} is not one: "
+                    "use grad_checkpointing instead"
+                )
+            self.model.set_refiner_checkpointing(True)
 
         # Batch-level mixing of images and targets; the mixed targets carry the smoothing.
         mixing = (mixup_alpha > 0 or cutmix_alpha > 0) and mixup_prob > 0

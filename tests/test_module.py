@@ -364,3 +364,15 @@ def test_lr_scaled_below_min_lr_is_rejected():
     with pytest.raises(UserInputError, match="below min_lr"):
         module.scaled_lr(32)
     assert tiny(lr=1e-3).scaled_lr(32) == 1e-3  # lr_base_size null: lr as given
+
+
+def test_refiner_checkpointing_is_switched_on_or_refused():
+    module = ImageClassifier(
+        model_name="refiner_vit_tiny", num_classes=10, img_size=32, refiner_checkpointing=True
+    )
+    assert all(block.attn.refiner_checkpointing for block in module.model.blocks)
+    with pytest.raises(UserInputError, match="refiner_checkpointing needs a Refiner-ViT"):
+        ImageClassifier(
+            model_name="vit_tiny_patch16_224", num_classes=10, img_size=32,
+            refiner_checkpointing=True,
+        )  # fmt: skip

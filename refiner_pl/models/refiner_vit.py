@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -195,6 +196,7 @@ class RefinerAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.block_type = block_type
         self.attn_map_residual = attn_map_residual
+        self.refiner_checkpointing = False
         if block_type == "shared":
             self.v = nn.Linear(dim, dim, bias=qkv_bias)
         else:
@@ -215,6 +217,12 @@ class RefinerAttention(nn.Module):
     def refine(self, attn: torch.Tensor) -> torch.Tensor:
         if not self.training and self.adapt_bn.track_running_stats:
             return self.refiner.forward_folded(attn, self.adapt_bn, self.scale)
+        if self.refiner_checkpointing and torch.is_grad_enabled():
+            # Keep only the map for backward, not the 3x wider expanded maps: recomputed.
+            return checkpoint_keeping_bn_stats(self, self._refine_modules, attn)
+        return self._refine_modules(attn)
+
+    def _refine_modules(self, attn: torch.Tensor) -> torch.Tensor:
         return self.adapt_bn(self.refiner(attn)) * self.scale
 
     def forward(
@@ -324,29 +332,28 @@ def _freeze_batchnorm_stats(module: nn.Module) -> list[tuple[nn.modules.batchnor
     return saved
 
 
-def _run_checkpointed(block: RefinerBlock, x, prev_map, need_map):
-    """Activation checkpointing that keeps BatchNorm running statistics exact.
+def checkpoint_keeping_bn_stats(module: nn.Module, fn, *args):
+    """``torch.utils.checkpoint`` of ``fn(*args)`` that keeps BatchNorm running stats exact.
 
-    The backward pass re-runs the block's forward; the refiner's BatchNorms would then
-    update their running statistics twice per step. The first call updates them, the
-    recomputation does not.
+    The backward pass re-runs ``fn``; the BatchNorms inside ``module`` would then update their
+    running statistics twice per step. The first call updates them, the recomputation does not.
     """
     calls = 0
 
-    def run(x_, prev_):
+    def run(*args_):
         nonlocal calls
         calls += 1
-        if calls == 1 or not block.training:
-            return block(x_, prev_, need_map)
-        saved = _freeze_batchnorm_stats(block)
+        if calls == 1 or not module.training:
+            return fn(*args_)
+        saved = _freeze_batchnorm_stats(module)
         try:
-            return block(x_, prev_, need_map)
+            return fn(*args_)
         finally:
             for bn, momentum, tracked in saved:
                 bn.momentum = momentum
                 bn.num_batches_tracked.copy_(tracked)
 
-    return checkpoint(run, x, prev_map, use_reentrant=False)
+    return checkpoint(run, *args, use_reentrant=False)
 
 
 class RefinerViT(nn.Module):
@@ -539,6 +546,13 @@ class RefinerViT(nn.Module):
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
+    def set_refiner_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the refiners' expanded maps in backward instead of storing them: a
+        cheaper memory saving than whole-block checkpointing (the refiner is most of it)."""
+        for block in self.blocks:
+            block.attn.refiner_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -583,7 +597,9 @@ class RefinerViT(nn.Module):
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled() and maps_out is None
         for block, need_map in zip(self.blocks, self._hands_on_map, strict=True):
             if checkpointing:
-                x, prev_map = _run_checkpointed(block, x, prev_map, need_map)
+                x, prev_map = checkpoint_keeping_bn_stats(
+                    block, partial(block, need_map=need_map), x, prev_map
+                )
             else:
                 x, prev_map = block(x, prev_map, need_map, maps_out)
         return self.norm(x)

@@ -335,3 +335,17 @@ def test_channels_last_refiner_option_computes_the_same_function(release_fixture
     torch.testing.assert_close(
         out.cls_logits, release_fixture["train_logits_cls"], atol=5e-5, rtol=0
     )
+
+
+def test_refiner_checkpointing_matches_and_keeps_batchnorm_stats_exact():
+    torch.manual_seed(0)
+    plain, ckpt = small().train(), small().train()
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.set_refiner_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+    plain(x).sum().backward()
+    ckpt(x).sum().backward()
+    for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
