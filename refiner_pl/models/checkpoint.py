@@ -159,32 +159,45 @@ def infer_model_args(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     return args
 
 
+_HEADS = ("head.", "aux_head.")
+
+
+def _load_keeping_backbone(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """Load non-strictly; class heads sized for another class count start afresh.
+
+    Returns the re-initialised head keys, the other missing keys and the unexpected keys.
+    """
+    own = model.state_dict()
+    other_classes = any(
+        k.startswith(_HEADS) and k in own and own[k].shape != v.shape for k, v in state_dict.items()
+    ) or ("head.weight" in state_dict and "head.weight" not in own)  # a headless model
+    reinitialised = [k for k in own if k.startswith(_HEADS)] if other_classes else []
+    if other_classes:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_HEADS)}
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if k not in reinitialised]
+    return reinitialised, missing, list(result.unexpected_keys)
+
+
 def _build_and_load(
     state_dict: dict[str, torch.Tensor], model_args: dict[str, Any], source: str
 ) -> RefinerViT:
     model = RefinerViT(**model_args)
-    head = state_dict.get("head.weight")
-    if head is not None and model.num_classes != head.shape[0]:
-        # Transfer to another label set: keep the backbone, start fresh class heads.
+    reinitialised, missing, unexpected = _load_keeping_backbone(model, state_dict)
+    if missing or unexpected:
+        raise UserInputError(
+            f"{source} does not match the architecture it describes: missing "
+            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; "
+            "is the file complete and a Refiner-ViT?"
+        )
+    if reinitialised:  # transfer to another label set: backbone kept, fresh class heads
         _logger.warning(
             "%s has %d classes, model has %d: the class heads are re-initialised",
             source,
-            head.shape[0],
+            state_dict["head.weight"].shape[0],
             model.num_classes,
-        )
-        state_dict = {
-            k: v for k, v in state_dict.items() if not k.startswith(("head.", "aux_head."))
-        }
-        expected_missing = {k for k in model.state_dict() if k.startswith(("head.", "aux_head."))}
-    else:
-        expected_missing = set()
-    result = model.load_state_dict(state_dict, strict=False)
-    missing = set(result.missing_keys) - expected_missing
-    if missing or result.unexpected_keys:
-        raise UserInputError(
-            f"{source} does not match the architecture it describes: missing "
-            f"{sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}; "
-            "is the file complete and a Refiner-ViT?"
         )
     return model.eval()
 
@@ -291,22 +304,16 @@ def init_weights_from(
         source, raw = repr(str(path_or_checkpoint)), read_checkpoint(path_or_checkpoint)
     state_dict = _weights_of(raw)
     own = model.state_dict()
-    heads = [k for k in state_dict if k.startswith(("head.", "aux_head."))]
-    reinitialised = [k for k in heads if k in own and own[k].shape != state_dict[k].shape]
-    if reinitialised:
-        state_dict = {k: v for k, v in state_dict.items() if k not in heads}
-        reinitialised = [k for k in own if k.startswith(("head.", "aux_head."))]
     resampled = [
         k
         for k in ("pos_embed",)
         if k in state_dict and k in own and state_dict[k].shape != own[k].shape
     ]
-    result = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in result.missing_keys if k not in reinitialised]
-    if missing or result.unexpected_keys:
+    reinitialised, missing, unexpected = _load_keeping_backbone(model, state_dict)
+    if missing or unexpected:
         raise UserInputError(
             f"{source} does not fit model {type(model).__name__}: missing {missing[:4]}, "
-            f"unexpected {result.unexpected_keys[:4]}; initialise from a checkpoint of the "
+            f"unexpected {unexpected[:4]}; initialise from a checkpoint of the "
             "same architecture (or change model_name/model_kwargs to match it)"
         )
     kept = [k for k in own if k not in reinitialised and k not in resampled]
