@@ -4,15 +4,23 @@ Beyond stock LightningCLI it
 
 * links ``data.num_classes`` / ``data.img_size`` into the model, so they are never typed twice;
 * adds configurable ``checkpoint`` (best by ``val/acc1``), ``last_checkpoint``
-  (``last.ckpt``, every epoch) and ``lr_monitor`` sections, and logs with TensorBoard to
-  ``runs/<name>/version_<n>/`` (checkpoints in its ``checkpoints/`` folder);
+  (``last.ckpt``, every epoch), ``step_checkpoint`` (the same file every 1000 steps) and
+  ``lr_monitor`` sections, and logs with TensorBoard to ``runs/<name>/version_<n>/``
+  (checkpoints in its ``checkpoints/`` folder; a log line names any checkpoint folder
+  outside it); saves checkpoints atomically and loads them with ``weights_only=True``
+  (`refiner_pl.checkpoint_io`);
+* adds a ``nonfinite_loss`` section: a NaN/inf training loss stops the run with one
+  ``error:`` line before the step is taken, or skips the step (`NonFiniteLoss`);
 * adds an optional ``ema`` section, the `refiner_pl.callbacks.EMA` weight average (null, the
   default, disables it); ``validate``/``test``/``predict`` with ``--ckpt_path`` score the
   checkpoint's EMA weights while ``ema.validate_ema`` is true and the raw weights with
   ``--ema.validate_ema false`` (or ``--ema null``);
+* adds an optional ``attention`` section, the `refiner_pl.callbacks.AttentionMonitor`
+  (attention-diversity metrics and maps in TensorBoard; null, the default, disables it);
 * resolves ``--ckpt_path best`` / ``last`` to the newest run under that folder, also in a new
   process (stock Lightning only knows "best" right after ``fit`` in the same process), and
-  resumes ``fit --ckpt_path ...`` inside the run folder it came from;
+  resumes ``fit --ckpt_path ...`` inside the run folder it came from; ``fit`` into a fixed
+  run folder (``trainer.logger.init_args.version``) that has a last checkpoint resumes it;
 * reports every bad option, config value or `UserInputError` as one ``error: ...`` line
   (exit status 2) instead of a usage dump or a traceback.
 
@@ -31,13 +39,23 @@ from typing import Any, NoReturn
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from refiner_pl.callbacks import EMA, has_ema_weights
+from refiner_pl.callbacks import (
+    EMA,
+    AttentionMonitor,
+    EvaluationResults,
+    NonFiniteLoss,
+    PredictionWriter,
+    has_ema_weights,
+)
+from refiner_pl.checkpoint_io import AtomicCheckpointIO, check_lightning_checkpoint
 from refiner_pl.data import ClassificationDataModule
 from refiner_pl.errors import UserInputError
 from refiner_pl.module import ImageClassifier
@@ -105,12 +123,32 @@ class RefinerCLI(LightningCLI):
                 "last_checkpoint.enable_version_counter": False,
             }
         )
+        # Within epochs too: the same last.ckpt every 1000 optimizer steps (0: only after
+        # epochs), so a killed run loses at most that much work. A second callback, as one
+        # ModelCheckpoint cannot save on both a step and an epoch interval.
+        parser.add_lightning_class_args(ModelCheckpoint, "step_checkpoint")
+        parser.set_defaults(
+            {
+                "step_checkpoint.monitor": None,
+                "step_checkpoint.save_top_k": 1,
+                "step_checkpoint.enable_version_counter": False,
+                "step_checkpoint.every_n_train_steps": 1000,
+            }
+        )
+        for key in ("dirpath", "filename"):
+            parser.link_arguments(f"last_checkpoint.{key}", f"step_checkpoint.{key}")
+        # A NaN/inf training loss stops the run (`--nonfinite_loss.action skip` skips the step).
+        parser.add_lightning_class_args(NonFiniteLoss, "nonfinite_loss")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         # Optional, so not one of the parser's `callback_keys` (those must not be null):
         # instantiate_trainer adds it. `--ema.decay 0.99996` alone enables it (class_path
         # defaults to EMA), `--ema null` disables it.
         parser.add_subclass_arguments(EMA, "ema", required=False, fail_untyped=False)
+        # The same for the attention metrics: `--attention.every_n_epochs 1` enables them.
+        parser.add_subclass_arguments(
+            AttentionMonitor, "attention", required=False, fail_untyped=False
+        )
         parser.set_defaults(
             {
                 "trainer.logger": {
@@ -132,10 +170,16 @@ class RefinerCLI(LightningCLI):
         if not subcommand:
             return
         config = self.config[subcommand]
+        if subcommand == "fit" and config.get("ckpt_path") is None:
+            _resume_existing_run(config)
         if config.get("ckpt_path") in CKPT_ALIASES:
             _resolve_ckpt_alias(config, subcommand)
-        if subcommand == "fit" and config.get("ckpt_path") not in (None, *CKPT_ALIASES):
-            _resume_in_place(config)
+        if config.get("ckpt_path") not in (None, *CKPT_ALIASES):
+            # One clear line for a missing, damaged or foreign file, or one that would run
+            # code when unpickled, before LightningCLI reads its hyperparameters.
+            check_lightning_checkpoint(str(config.ckpt_path))
+            if subcommand == "fit":
+                _resume_in_place(config)
         # What the user asked for, to tell them which values the checkpoint replaces.
         model = config.get("model")
         self._given_model_args = dict(vars(model.init_args)) if model else {}
@@ -175,16 +219,23 @@ class RefinerCLI(LightningCLI):
                 )
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """The Trainer, with the ``ema`` callback (when configured) after trainer.callbacks."""
+        """The Trainer, with the ``attention`` and ``ema`` callbacks (when configured) after
+        trainer.callbacks; attention before ema, so it sees the weights validation scored.
+        Checkpoints are saved atomically (`AtomicCheckpointIO`) unless trainer.plugins
+        brings another CheckpointIO."""
         config = self.config_init.get(self.subcommand) if self.subcommand else self.config_init
-        ema = config.get("ema")
-        if ema is not None:
+        plugins = config.trainer.get("plugins")
+        plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        optional = [config.get(key) for key in ("attention", "ema") if config.get(key)]
+        if optional:
             configured = config.trainer.get("callbacks")
             if configured is None:
                 configured = []
             elif not isinstance(configured, list):
                 configured = [configured]
-            kwargs["callbacks"] = [*configured, ema, *kwargs.get("callbacks", [])]
+            kwargs["callbacks"] = [*configured, *optional, *kwargs.get("callbacks", [])]
         return super().instantiate_trainer(**kwargs)
 
     # ----------------------------------------------------------------------- fit checks
@@ -200,6 +251,7 @@ class RefinerCLI(LightningCLI):
             trainer.callbacks = [
                 c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)
             ]
+        _say_where_checkpoints_go(trainer)
         if trainer.fast_dev_run or trainer.max_steps != -1 or hp.get("sched") == "none":
             return
         epochs = trainer.max_epochs
@@ -212,9 +264,18 @@ class RefinerCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._check_ema_weights()
+        self._add_results_writer()
 
     def before_test(self) -> None:
         self._check_ema_weights()
+        self._add_results_writer()
+
+    def _add_results_writer(self) -> None:
+        """`validate`/`test` also write their scores as JSON, with the resolved config."""
+        if any(isinstance(cb, EvaluationResults) for cb in self.trainer.callbacks):
+            return
+        dumped = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+        self.trainer.callbacks.append(EvaluationResults(config=yaml.safe_load(dumped)))
 
     def _check_ema_weights(self) -> None:
         """Scoring EMA weights needs a checkpoint that has them: say so before any work."""
@@ -243,45 +304,6 @@ class RefinerCLI(LightningCLI):
             self.trainer.callbacks.append(PredictionWriter())
 
 
-class PredictionWriter(BasePredictionWriter):
-    """Saves what `predict` returns to ``<log_dir>/predictions.pt`` (one file per rank).
-
-    The file holds a dict: ``probs`` (N, num_classes) class probabilities, ``index`` (N,) the
-    dataset index of each row (rows follow the sampler, which may differ from dataset order
-    under DDP) and ``class_names`` when the datamodule has them.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(write_interval="epoch")
-
-    def write_on_epoch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        predictions: Any,
-        batch_indices: Any,
-    ) -> None:
-        # Per dataloader: `batch_indices` always, `predictions` only when there are several.
-        if predictions and isinstance(predictions[0], list):
-            predictions = predictions[0]  # the first dataloader
-        if not predictions:
-            return
-        index = [i for batch in batch_indices[0] for i in batch] if batch_indices else []
-        suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
-        path = Path(trainer.log_dir or ".") / f"predictions{suffix}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probs = torch.cat([p.float().cpu() for p in predictions])
-        torch.save(
-            {
-                "probs": probs,
-                "index": torch.tensor(index, dtype=torch.long),
-                "class_names": getattr(trainer.datamodule, "class_names", None),
-            },
-            path,
-        )
-        print(f"saved {len(probs)} predictions to {path}")
-
-
 def main(args: ArgsType = None) -> None:
     """Entry point of ``cli.py``; a `UserInputError` becomes one ``error:`` line, exit 2."""
     try:
@@ -290,7 +312,7 @@ def main(args: ArgsType = None) -> None:
         user_error = _find_user_error(err)
         if user_error is None:
             raise
-        print(f"error: {user_error}", file=sys.stderr)
+        print(f"error: {_user_message(user_error)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -316,6 +338,62 @@ def _resolve_ckpt_alias(config: Namespace, subcommand: str) -> None:
         path = _best_checkpoint(ckpt_dir)
     config.ckpt_path = str(path)
     rank_zero_info(f"ckpt_path {alias!r} resolved to {path}")
+
+
+def _resume_existing_run(config: Namespace) -> None:
+    """`fit` into a fixed run folder that already has a last checkpoint resumes from it.
+
+    The folder is fixed by ``trainer.logger.init_args.version``: rerunning the same command
+    after a kill, e.g. a requeued cluster job, continues the run instead of starting over on
+    top of its checkpoints.
+    """
+    args = _logger_args(config)
+    if args is None or args.get("version") is None or config.trainer.get("fast_dev_run"):
+        return
+    ckpt_dir = _checkpoint_dir(config)
+    last = ckpt_dir / f"{config.last_checkpoint.filename or 'last'}.ckpt" if ckpt_dir else None
+    if last is not None and last.is_file():
+        config.ckpt_path = str(last)
+        rank_zero_info(
+            f"resuming from {last}: the run folder already has a last checkpoint (start a new "
+            "run with another trainer.logger.init_args.version)"
+        )
+
+
+def _say_where_checkpoints_go(trainer: L.Trainer) -> None:
+    """A log line for every checkpoint folder outside the run folder (``checkpoint.dirpath``),
+    or for every one when there is no run folder (``--trainer.logger false``)."""
+    if trainer.fast_dev_run:
+        return  # it writes no checkpoints
+    run_dir = Path(trainer.log_dir).resolve() if trainer.loggers and trainer.log_dir else None
+    folders = set()
+    for callback in trainer.checkpoint_callbacks:
+        dirpath = getattr(callback, "dirpath", None)
+        if dirpath is not None:
+            if "://" not in str(dirpath):
+                folders.add(Path(dirpath).resolve())
+        elif run_dir is None:  # where ModelCheckpoint puts them without a logger
+            folders.add(Path(trainer.default_root_dir, "checkpoints").resolve())
+    for folder in sorted(folders):
+        if run_dir is None:
+            rank_zero_info(f"checkpoints go to {folder} (trainer.logger is off: no run folder)")
+        elif not folder.is_relative_to(run_dir):
+            rank_zero_info(f"checkpoints go to {folder}, outside the run folder {run_dir}")
+
+
+def _user_message(error: UserInputError) -> str:
+    """The error's own message, also when a DataLoader worker raised it.
+
+    torch re-raises a worker's exception in the main process with the worker's whole
+    traceback as its text; the message is the last line, after the exception's name.
+    """
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        name, _, message = last.partition(": ")
+        if message and name.endswith(type(error).__name__):
+            return message
+    return text
 
 
 def _resume_in_place(config: Namespace) -> None:

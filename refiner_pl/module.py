@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import lightning as L
 import timm
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from timm.data import Mixup
@@ -29,6 +30,7 @@ from refiner_pl.data.token_label import LabelMapCrop, TokenLabelMixup, dense_lab
 from refiner_pl.errors import UserInputError
 from refiner_pl.losses import TokenLabelLoss, attention_similarity_penalty
 from refiner_pl.models import init_weights_from
+from refiner_pl.seeding import seed_step
 
 Schedule = Literal["cosine", "tanh", "wsd", "rsqrt", "constant", "none"]
 """timm schedules that need nothing beyond warmup/min_lr/cooldown ("none" keeps lr constant)."""
@@ -302,26 +304,48 @@ class ImageClassifier(L.LightningModule):
                 "and model.cutmix_alpha to 0"
             )
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_loss, self.val_metrics, "val")
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """The batch's logits, for callbacks (e.g. `ConfusionMatrixLogger`) to read."""
+        return self._evaluate(batch, self.val_loss, self.val_metrics, "val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_loss, self.test_metrics, "test")
 
     def _evaluate(
         self, batch: tuple[Tensor, Tensor], loss: MeanMetric, metrics: MetricCollection, stage: str
-    ) -> None:
+    ) -> Tensor:
         x, y = batch
         logits = self(x)
         loss.update(self.eval_criterion(logits, y), weight=y.shape[0])
         metrics.update(logits, y)
         self.log(f"{stage}/loss", loss, prog_bar=True)
         self.log_dict(metrics, prog_bar=True)
+        return logits
 
-    def predict_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        """Class probabilities (B, num_classes); a batch may be images alone or (images, ...)."""
+    def predict_step(
+        self, batch: Tensor | tuple[Tensor, ...] | dict[str, Any], batch_idx: int
+    ) -> Tensor | dict[str, Any]:
+        """Class probabilities (B, num_classes) of images alone or of (images, ...) batches.
+
+        A ``predict_dir`` batch (a dict, see `refiner_pl.data.predict`) gives a dict: the
+        ``probs`` of its decoded images with their ``files``, and the ``failed`` files.
+        """
+        if isinstance(batch, dict):
+            images = batch["images"]
+            if images is None:  # no file of this batch decoded
+                probs = torch.empty(0, self.hparams.num_classes, device=self.device)
+            else:
+                probs = self(images).softmax(dim=-1)
+            return {"probs": probs, "files": batch["files"], "failed": batch["failed"]}
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).softmax(dim=-1)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout, drop path, Mixup/CutMix and MixToken boxes draw from the global RNGs:
+        # seeded from (seed, epoch, batch, rank), a resumed run replays the steps of the
+        # interrupted one exactly, and every DDP rank draws its own (seed_everything seeds
+        # them all alike).
+        seed_step(self.current_epoch, batch_idx, self.global_rank)
 
     # ------------------------------------------------------------------------------- logging
     def setup(self, stage: str) -> None:

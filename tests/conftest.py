@@ -225,3 +225,37 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@dataclass
+class MixedFolder:
+    """A folder to predict on: `good` image files and `bad` ones, as paths relative to it."""
+
+    path: Path
+    good: list[str]
+    bad: list[str]
+
+
+@pytest.fixture
+def mixed_image_folder(tmp_path: Path) -> MixedFolder:
+    """PNG, JPEG, greyscale, RGBA, palette and 16-bit images of odd sizes (one nested), plus a
+    truncated JPEG, a text file and a hidden file (ignored)."""
+    rng = np.random.default_rng(2)
+    root = tmp_path / "to_predict"
+    (root / "nested").mkdir(parents=True)
+
+    def noise(*shape: int) -> np.ndarray:
+        return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+    Image.fromarray(noise(40, 52, 3)).save(root / "colour.png")
+    Image.fromarray(noise(70, 31, 3)).save(root / "photo.jpg", quality=90)
+    Image.fromarray(noise(25, 25), "L").save(root / "grey.png")
+    Image.fromarray(noise(33, 47, 4), "RGBA").save(root / "nested" / "alpha.png")
+    Image.fromarray(noise(30, 30, 3)).convert("P").save(root / "palette.gif")
+    Image.fromarray(rng.integers(0, 65535, size=(20, 24), dtype=np.uint16)).save(root / "deep.tif")
+    jpeg = (root / "photo.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "notes.txt").write_text("not an image\n")
+    (root / ".DS_Store").write_bytes(b"\0\1\2")
+    good = ["colour.png", "deep.tif", "grey.png", "nested/alpha.png", "palette.gif", "photo.jpg"]
+    return MixedFolder(root, good, ["notes.txt", "truncated.jpg"])

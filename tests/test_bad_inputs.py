@@ -4,11 +4,20 @@ Each case must end with exactly one `error:` line naming the problem and its fix
 status 2, no traceback, and nothing written: no run folder, no checkpoint touched.
 """
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
+import timm
+import torch
+from test_cli import QUIET, cli
+
+from refiner_pl.data import DigitsDataModule
+from refiner_pl.module import ImageClassifier
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -82,3 +91,158 @@ def test_init_from_that_is_not_a_file(tmp_path):
         tmp_path, "fit", "--config", QUICKSTART, "--model.init_from", "no/such/weights.pth"
     )
     assert "init_from 'no/such/weights.pth' is not a file" in line
+
+
+def test_predict_dir_that_is_not_a_folder(tmp_path):
+    line = fails_cleanly(
+        tmp_path, "predict", "--config", QUICKSTART, "--data.predict_dir", "no/such/photos"
+    )
+    assert "predict_dir 'no/such/photos' is not a directory" in line
+
+
+# ------------------------------------------------------------------ checkpoints and weights
+class _CreatesFile:
+    """Unpickling it would create a file: what a malicious checkpoint could do."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _lightning_checkpoint(path: Path, num_classes: int = 10) -> Path:
+    """A checkpoint as `fit` writes it (the parts the CLI reads), of a fresh tiny model."""
+    module = ImageClassifier(model_name="refiner_vit_tiny", num_classes=num_classes, img_size=32)
+    hparams = {**module.hparams, "_class_path": "refiner_pl.module.ImageClassifier"}
+    checkpoint = {
+        "pytorch-lightning_version": L.__version__,
+        "state_dict": module.state_dict(),
+        "hyper_parameters": hparams,
+    }
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("option", ["--ckpt_path", "--model.init_from"])
+def test_checkpoint_whose_pickle_would_run_code(tmp_path, option):
+    marker, path = tmp_path / "created-by-the-checkpoint", tmp_path / "evil.ckpt"
+    payload = {"pytorch-lightning_version": L.__version__, "state_dict": {}}
+    torch.save({**payload, "payload": _CreatesFile(str(marker))}, path)
+    line = fails_cleanly(tmp_path, "fit", "--config", QUICKSTART, option, str(path))
+    assert f"refused to load '{path}'" in line and "sources you trust" in line
+    assert not marker.exists()
+
+
+def test_ckpt_path_that_does_not_exist(tmp_path):
+    line = fails_cleanly(tmp_path, "fit", "--config", QUICKSTART, "--ckpt_path", "no/such.ckpt")
+    assert "ckpt_path 'no/such.ckpt' does not exist" in line
+
+
+def test_truncated_checkpoint(tmp_path):
+    path = _lightning_checkpoint(tmp_path / "cut.ckpt")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    line = fails_cleanly(tmp_path, "fit", "--config", QUICKSTART, "--ckpt_path", str(path))
+    assert f"cannot read checkpoint '{path}': the file is truncated" in line
+
+
+def test_release_weights_given_as_ckpt_path(tmp_path):
+    release = str(REPO / "tests" / "fixtures" / "official_refiner_tiny.pt")
+    line = fails_cleanly(tmp_path, "validate", "--config", QUICKSTART, "--ckpt_path", release)
+    assert "is not a Lightning checkpoint written by `fit`" in line
+    assert "--model.init_from" in line
+
+
+def test_init_from_weights_of_another_architecture(tmp_path):
+    deit = timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=32)
+    path = tmp_path / "deit.pth"
+    torch.save(deit.state_dict(), path)
+    line = fails_cleanly(tmp_path, "fit", "--config", QUICKSTART, "--model.init_from", str(path))
+    assert "does not fit model RefinerViT" in line and "same architecture" in line
+
+
+def test_checkpoint_of_another_class_count(tmp_path, jpeg_tree):
+    path = _lightning_checkpoint(tmp_path / "digits.ckpt", num_classes=10)
+    line = fails_cleanly(
+        tmp_path, "validate", "--config", QUICKSTART, "--ckpt_path", str(path),
+        "--data", "refiner_pl.data.ImageNetDataModule", "--data.data_dir", str(jpeg_tree.path),
+    )  # fmt: skip
+    assert "trained with num_classes=10 but the datamodule gives num_classes=3" in line
+
+
+def test_empty_dataset_dir(tmp_path):
+    (tmp_path / "empty").mkdir()
+    line = fails_cleanly(
+        tmp_path, "fit", "--config", QUICKSTART, "--data", "refiner_pl.data.ImageFolderDataModule",
+        "--data.data_dir", str(tmp_path / "empty"),
+    )  # fmt: skip
+    assert "has no 'train/' folder" in line
+
+
+# ------------------------------------------------------------- bad data met during training
+def stops_cleanly(result: subprocess.CompletedProcess) -> str:
+    """One ``error:`` line, exit status 2, no traceback: the run stopped on bad data."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+class DigitsWithNaN(DigitsDataModule):
+    """The digits with one training image of NaNs, as a damaged float input would be."""
+
+    def __init__(
+        self, nan_index: int = 0, img_size: int = 32, batch_size: int = 64, num_workers: int = 0
+    ) -> None:
+        super().__init__(img_size=img_size, batch_size=batch_size, num_workers=num_workers)
+        self.nan_index = nan_index
+
+    def _build_split(self, split):
+        dataset = super()._build_split(split)
+        if split == "train":
+            dataset.images = dataset.images.clone()
+            dataset.images[self.nan_index] = float("nan")
+        return dataset
+
+
+@pytest.mark.slow
+def test_nan_in_the_input(tmp_path, monkeypatch):
+    # The image that the run's epoch-0 order puts first in batch 5.
+    monkeypatch.setenv("PL_GLOBAL_SEED", "42")  # the quickstart's seed_everything
+    data = DigitsWithNaN()
+    data.setup("fit")
+    nan_index = [index for index, _ in data.train_dataloader().sampler][5 * 64]
+
+    result = cli(
+        "fit", "--config", QUICKSTART, "--data", "test_bad_inputs.DigitsWithNaN",
+        "--data.nan_index", str(nan_index), "--trainer.max_epochs", "1",
+        "--model.warmup_epochs", "0.5", "--step_checkpoint.every_n_train_steps", "2", *QUIET,
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO / "tests")},
+    )  # fmt: skip
+    line = stops_cleanly(result)
+    assert "training stopped: the loss is nan at epoch 0, batch 5 (global step 5)" in line
+    # one 3x32x32 image, less the border the random affine fills with zeros
+    held = re.search(r"the batch holds (\d+) NaN/inf input values: fix or drop", line)
+    assert held and 0 < int(held.group(1)) <= 3 * 32 * 32, line
+    # The last good checkpoint (step 4) is kept; nothing was saved after the NaN.
+    checkpoints = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+@pytest.mark.slow
+def test_training_image_that_fails_to_decode(tmp_path, jpeg_tree):
+    broken = sorted((jpeg_tree.path / "train").rglob("*.JPEG"))[4]
+    broken.write_bytes(broken.read_bytes()[:100])
+    result = cli(
+        "fit", "--config", QUICKSTART, "--data", "refiner_pl.data.ImageNetDataModule",
+        "--data.data_dir", str(jpeg_tree.path), "--data.batch_size", "4",
+        "--data.num_workers", "1", "--trainer.max_epochs", "1", "--model.warmup_epochs", "0.5",
+        *QUIET, cwd=tmp_path,
+    )  # fmt: skip
+    line = stops_cleanly(result)  # also when a worker process met the file
+    assert f"cannot decode image '{broken}'" in line
+    assert "or set data.bad_images: skip to train without it" in line

@@ -193,19 +193,3 @@ def test_fit_then_validate_best_then_resume_last(tmp_path):
     assert last["epoch"] == 2
     other_runs = [p for p in (tmp_path / "runs" / "quickstart").iterdir() if p != run]
     assert not any((p / "checkpoints").exists() for p in other_runs)
-
-
-@pytest.mark.slow
-def test_predict_writes_probabilities(tmp_path):
-    fit = cli("fit", "--config", QUICKSTART, "--trainer.max_epochs", "1", *SHORT, cwd=tmp_path)
-    assert fit.returncode == 0, fit.stderr
-
-    # without a folder of its own to predict on, a datamodule predicts its val split
-    result = cli("predict", "--config", QUICKSTART, "--ckpt_path", "last", *QUIET, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    [path] = (tmp_path / "runs" / "quickstart").glob("version_*/predictions.pt")
-    saved = torch.load(path, weights_only=True)
-    assert saved["probs"].shape == (360, 10)  # 20% of 1,797 digits
-    torch.testing.assert_close(saved["probs"].sum(-1), torch.ones(360))
-    assert saved["index"].tolist() == list(range(360))
-    assert saved["class_names"] == [str(d) for d in range(10)]

@@ -1,8 +1,9 @@
 """Every file in configs/ parses and completes a fast_dev_run through the real CLI.
 
 Data files need a dataset on disk: the tests point them at the tiny generated ones. GPU files
-run with ``--trainer.accelerator cpu --trainer.devices 1``; the DDP ones in a subprocess, so
-no process group is ever created inside pytest.
+run with ``--trainer.accelerator cpu --trainer.devices 1 --trainer.num_nodes 1``; the DDP ones
+in a subprocess, so no process group is ever created inside pytest. The FSDP file is the
+exception: Lightning runs FSDP on CUDA only (see ``FSDP`` below).
 """
 
 import subprocess
@@ -20,22 +21,26 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 QUICKSTART = str(CONFIGS / "quickstart.yaml")
 FAST = ["--trainer.fast_dev_run", "2", "--trainer.enable_model_summary", "false"]
-ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1"]
 SMALL_IMAGES = ["--data.img_size", "32", "--data.batch_size", "2", "--data.num_workers", "0"]
 
 DATA = ["data/digits.yaml", "data/cifar10.yaml", "data/cifar100.yaml", "data/folder.yaml",
         "data/imagenet.yaml"]  # fmt: skip
 MODELS = ["model/plain_vit_tiny.yaml", "model/refiner_vit_tiny.yaml", "model/refiner_vit_s.yaml",
           "model/refiner_vit_m.yaml", "model/refiner_vit_l.yaml"]  # fmt: skip
-TRAINERS = ["trainer/cpu.yaml", "trainer/gpu_bf16.yaml"]
-DDP = ["trainer/ddp_bf16.yaml", "imagenet/refiner_vit_s.yaml", "imagenet/refiner_vit_m.yaml",
-       "imagenet/refiner_vit_l.yaml", "imagenet/finetune_refiner_vit_l_448.yaml"]  # fmt: skip
+TRAINERS = ["trainer/cpu.yaml", "trainer/gpu_bf16.yaml", "trainer/gpu_fp16.yaml",
+            "trainer/gpu_bf16_accum8.yaml"]  # fmt: skip
+DDP = ["trainer/ddp_bf16.yaml", "trainer/ddp_2x8_bf16.yaml", "imagenet/refiner_vit_s.yaml",
+       "imagenet/refiner_vit_m.yaml", "imagenet/refiner_vit_l.yaml",
+       "imagenet/finetune_refiner_vit_l_448.yaml"]  # fmt: skip
+# Lightning runs FSDP on CUDA only: tests/test_distributed.py builds its strategy instead.
+FSDP = ["trainer/fsdp_bf16.yaml"]
 
 
 def test_every_config_file_is_exercised():
     found = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))
     assert found == sorted(
-        ["quickstart.yaml", "finetune_cifar100.yaml", *DATA, *MODELS, *TRAINERS, *DDP]
+        ["quickstart.yaml", "finetune_cifar100.yaml", *DATA, *MODELS, *TRAINERS, *DDP, *FSDP]
     )
 
 

@@ -1,5 +1,20 @@
-"""Lightning callbacks of the training recipe."""
+"""Lightning callbacks of the training recipe and of the CLI's outputs."""
 
+from refiner_pl.callbacks.attention import AttentionMonitor
+from refiner_pl.callbacks.confusion import ConfusionMatrixLogger
 from refiner_pl.callbacks.ema import EMA, has_ema_weights, load_ema_weights
+from refiner_pl.callbacks.nonfinite import NonFiniteLoss, NonFiniteLossError
+from refiner_pl.callbacks.predictions import PredictionWriter
+from refiner_pl.callbacks.results import EvaluationResults
 
-__all__ = ["EMA", "has_ema_weights", "load_ema_weights"]
+__all__ = [
+    "AttentionMonitor",
+    "ConfusionMatrixLogger",
+    "EMA",
+    "EvaluationResults",
+    "NonFiniteLoss",
+    "NonFiniteLossError",
+    "PredictionWriter",
+    "has_ema_weights",
+    "load_ema_weights",
+]

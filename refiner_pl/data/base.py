@@ -6,19 +6,24 @@ dataloaders from here.
 """
 
 import inspect
-import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from refiner_pl.data.predict import ImageFiles, check_predict_dir, collate_predict_items
+from refiner_pl.data.resume import ResumableDataLoader, ResumableSampler, SeededSamples
+from refiner_pl.data.transforms import build_eval_transform
 from refiner_pl.errors import UserInputError
+from refiner_pl.seeding import global_seed
 
 Split = Literal["train", "val", "test"]
 
@@ -27,7 +32,7 @@ _STAGE_SPLITS: dict[str | None, tuple[Split, ...]] = {
     "fit": ("train", "val"),
     "validate": ("val",),
     "test": ("test",),
-    "predict": ("val",),
+    "predict": ("val",),  # unless predict_dir is set: see setup()
     None: ("train", "val", "test"),
 }
 
@@ -56,7 +61,7 @@ class RepeatAugDistributedSampler(RepeatAugSampler, DistributedSampler):
     tells them apart with ``isinstance(sampler, DistributedSampler)``. The base class is only
     that marker: every method comes from `RepeatAugSampler` (MRO), which shards by the
     ``num_replicas`` / ``rank`` it is given, and Lightning calls its ``set_epoch`` each epoch.
-    The val/test/predict loaders keep Lightning's automatic samplers.
+    The val/test/predict loaders shard without padding (``_eval_sampler``).
     """
 
     def __init__(
@@ -81,8 +86,9 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
     Batches are ``(images, targets)`` with float32 images of shape ``(B, 3, img_size, img_size)``
     normalised by :attr:`mean` / :attr:`std`, and int64 class indices. The train loader
     shuffles and drops the last incomplete batch; val/test loaders do neither. Under
-    multi-device strategies Lightning swaps in its DistributedSampler automatically, except
-    for the train loader's `RepeatAugDistributedSampler`, which shards by itself.
+    multi-device strategies the train loader shards by itself (an epoch-seeded
+    DistributedSampler, or `RepeatAugDistributedSampler`), so Lightning keeps it;
+    val/test/predict loaders shard without padding, so each image is scored exactly once.
 
     Args:
         data_dir: Dataset root directory.
@@ -104,6 +110,9 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
             another device; with fewer, copies share a device and an epoch sees only about
             devices / repeated_aug of the distinct images (a warning says so). 0 or 1
             disables it (DeiT uses 3 on 8+ GPUs).
+        predict_dir: Folder of unlabelled images for ``predict`` (any size, any mode and
+            format PIL reads; files it cannot decode are skipped and reported). None:
+            ``predict`` runs on the val split.
     """
 
     default_mean: ClassVar[tuple[float, float, float]] = IMAGENET_DEFAULT_MEAN
@@ -123,6 +132,7 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         crop_pct: float | None = None,
         interpolation: str = "bicubic",
         repeated_aug: int = 0,
+        predict_dir: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -145,6 +155,7 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
                 "image per epoch (e.g. 3), or 0 to disable it"
             )
         self.repeated_aug = repeated_aug
+        self.predict_dir = None if predict_dir is None else check_predict_dir(predict_dir)
         self.data_dir = data_dir
         # Public and mutable: Lightning's batch-size finder tunes `datamodule.batch_size`.
         self.batch_size = batch_size
@@ -196,6 +207,8 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
 
     def setup(self, stage: str | None = None) -> None:
         """Builds the splits `stage` needs (all for None); repeated calls reuse them."""
+        if stage == "predict" and self.predict_dir is not None:
+            return  # the folder is listed by predict_dataloader(); no dataset split needed
         for split in _STAGE_SPLITS[stage]:
             self._ensure_split(split)
         if stage == "test" and self.test_set is None:
@@ -207,13 +220,19 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
             self._built.add(split)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the last incomplete batch is dropped."""
+        """Shuffled training batches; the last incomplete batch is dropped.
+
+        The order is a function of the run's seed and the epoch, each sample's augmentation
+        of its own seed, and the first batch of an epoch is the one the fit loop continues
+        from: a run resumed from a mid-epoch checkpoint sees exactly the batches the
+        interrupted one would have (see `refiner_pl.data.resume`).
+        """
         dataset = self._require(self.train_set, "train", "fit")
         world_size = self.trainer.world_size if self.trainer is not None else 1
-        sampler = None
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        indices: DistributedSampler
         if self.repeated_aug > 1:
-            rank = self.trainer.global_rank if self.trainer is not None else 0
-            sampler = RepeatAugDistributedSampler(
+            indices = RepeatAugDistributedSampler(
                 dataset, num_replicas=world_size, rank=rank, num_repeats=self.repeated_aug
             )
             if world_size < self.repeated_aug:
@@ -223,14 +242,27 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
                     f"{world_size}/{self.repeated_aug} of the distinct images; use it with at "
                     "least as many devices as repeats"
                 )
+        else:
+            # What Lightning injects under DDP, also on one device: an epoch-seeded shuffle.
+            indices = DistributedSampler(
+                dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=global_seed()
+            )
         # With drop_last, fewer samples than one batch would silently train on nothing.
-        per_device = len(sampler) if sampler is not None else math.ceil(len(dataset) / world_size)
+        per_device = len(indices)
         if per_device < self.batch_size:
             raise UserInputError(
                 f"the train split has {len(dataset)} images ({per_device} per device), fewer than "
                 f"batch_size {self.batch_size}, so no full batch exists: lower --data.batch_size"
             )
-        return self._loader(dataset, train=True, sampler=sampler)
+        sampler = ResumableSampler(
+            indices, global_seed(), rank, self.batch_size, self._train_batches_done
+        )
+        return self._loader(SeededSamples(dataset), train=True, sampler=sampler)
+
+    def _train_batches_done(self) -> int:
+        """Batches of the current epoch the fit loop has trained (after a mid-epoch resume)."""
+        fit_loop = getattr(self.trainer, "fit_loop", None)
+        return fit_loop.epoch_loop.batch_progress.current.ready if fit_loop is not None else 0
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in dataset order."""
@@ -241,8 +273,22 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         dataset = self.test_set if self.test_set is not None else self.val_set
         return self._loader(self._require(dataset, "test", "test"), train=False)
 
+    @property
+    def predict_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image -> normalised tensor for ``predict_dir`` images: the eval preprocessing."""
+        return build_eval_transform(
+            self.img_size,
+            mean=self.mean,
+            std=self.std,
+            crop_pct=self.crop_pct,
+            interpolation=self.interpolation,
+        )
+
     def predict_dataloader(self) -> DataLoader:
-        """The val split in dataset order, so predictions line up with its files and labels."""
+        """The ``predict_dir`` images, else the val split, in file / dataset order."""
+        if self.predict_dir is not None:
+            files = ImageFiles(self.predict_dir, self.predict_transform)
+            return self._loader(files, train=False, collate_fn=collate_predict_items)
         return self._loader(self._require(self.val_set, "val", "predict"), train=False)
 
     def _require(self, dataset: Dataset | None, split: str, stage: str) -> Dataset:
@@ -250,14 +296,38 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
             raise RuntimeError(f"the {split} split is not built: call setup('{stage}') first")
         return dataset
 
-    def _loader(self, dataset: Dataset, train: bool, sampler: Sampler | None = None) -> DataLoader:
+    def _eval_sampler(self, dataset: Dataset) -> Sampler | None:
+        """Each image on exactly one rank, in order, under a distributed run; else None.
+
+        Lightning's automatic DistributedSampler pads every rank to the same length by
+        repeating images, which would count them twice in val/test scores. Lightning's
+        `UnrepeatedDistributedSampler` (what it uses for predict) does not pad: a rank may run
+        one batch more than another, which evaluation allows, as torchmetrics sums the
+        metric states over ranks in compute().
+        """
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if not kwargs or kwargs["num_replicas"] < 2:
+            return None
+        return UnrepeatedDistributedSampler(dataset, shuffle=False, **kwargs)
+
+    def _loader(
+        self,
+        dataset: Dataset,
+        train: bool,
+        sampler: Sampler | None = None,
+        collate_fn: Callable | None = None,
+    ) -> DataLoader:
+        if not train and sampler is None:
+            sampler = self._eval_sampler(dataset)
         # Without a sampler Lightning injects a DistributedSampler (keeping `shuffle`) under DDP.
-        return DataLoader(
+        loader_class = ResumableDataLoader if train else DataLoader
+        return loader_class(
             dataset,
             batch_size=self.batch_size,
             shuffle=train and sampler is None,
             sampler=sampler,
             drop_last=train,
+            collate_fn=collate_fn,
             num_workers=self.num_workers,
             # Pinning needs CUDA; on CPU-only hosts torch would only warn about it.
             pin_memory=self.pin_memory and torch.cuda.is_available(),

@@ -70,6 +70,8 @@ class _CIFARDataModule(ClassificationDataModule):
         hflip: Horizontal flip probability for training.
         padding: Zero padding (in pixels at 32x32) before the random training crop; 0 disables.
         repeated_aug: Repeated augmentation: copies of each train image per epoch (0: off).
+        predict_dir: Folder of images for ``predict`` (files PIL cannot decode are skipped
+            and reported); None predicts the val split.
     """
 
     dataset_cls: ClassVar[type[CIFAR10]]
@@ -93,6 +95,7 @@ class _CIFARDataModule(ClassificationDataModule):
         hflip: float = 0.5,
         padding: int = 4,
         repeated_aug: int = 0,
+        predict_dir: str | None = None,
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -106,6 +109,7 @@ class _CIFARDataModule(ClassificationDataModule):
             crop_pct=crop_pct,
             interpolation=interpolation,
             repeated_aug=repeated_aug,
+            predict_dir=predict_dir,
         )
         self.root = Path(data_dir).expanduser()
         self.download = download

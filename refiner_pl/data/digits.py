@@ -5,6 +5,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
@@ -74,6 +75,8 @@ class DigitsDataModule(ClassificationDataModule):
         split_seed: Seed of the train/val split, fixed so runs are comparable.
         augment: Apply the random affine augmentation to training images.
         repeated_aug: Repeated augmentation: copies of each train image per epoch (0: off).
+        predict_dir: Folder of images for ``predict`` (files PIL cannot decode are skipped
+            and reported); None predicts the val split.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class DigitsDataModule(ClassificationDataModule):
         split_seed: int = 0,
         augment: bool = True,
         repeated_aug: int = 0,
+        predict_dir: str | None = None,
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -103,6 +107,7 @@ class DigitsDataModule(ClassificationDataModule):
             std=std,
             interpolation=interpolation,
             repeated_aug=repeated_aug,
+            predict_dir=predict_dir,
         )
         if interpolation not in RESIZE_MODES:
             raise UserInputError(
@@ -143,6 +148,26 @@ class DigitsDataModule(ClassificationDataModule):
     def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         train = self._tensors()["train_images"]
         return (float(train.mean()),) * 3, (float(train.std()),) * 3
+
+    @property
+    def predict_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """``predict_dir`` images as the digits are seen: grey, squashed to img_size square.
+
+        The digits are light strokes on a dark ground; dark-on-light scans need inverting.
+        """
+        return v2.Compose(
+            [
+                v2.Grayscale(num_output_channels=3),
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Resize(
+                    (self.img_size, self.img_size),
+                    interpolation=v2.InterpolationMode[self.interpolation.upper()],
+                    antialias=True,
+                ),
+                v2.Normalize(self.mean, self.std),
+            ]
+        )
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         """Loads, upscales and splits the digits once; later calls reuse the tensors."""

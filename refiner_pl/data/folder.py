@@ -1,17 +1,26 @@
 """Folder-per-class datasets (``torchvision.datasets.ImageFolder``), ImageNet included."""
 
+import logging
 import os
 from collections import Counter
-from functools import cache, cached_property
+from collections.abc import Callable
+from functools import cache, cached_property, partial
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
+from PIL import Image
 from timm.data import ImageNetInfo
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
+from torchvision.datasets.folder import (
+    IMG_EXTENSIONS,
+    default_loader,
+    find_classes,
+    has_file_allowed_extension,
+)
 
 from refiner_pl.data.base import ClassificationDataModule, Split
+from refiner_pl.data.predict import DECODE_ERRORS
 from refiner_pl.data.token_label import (
     MissingLabelMaps,
     TokenLabelImageFolder,
@@ -19,6 +28,11 @@ from refiner_pl.data.token_label import (
 )
 from refiner_pl.data.transforms import build_eval_transform, build_train_transform
 from refiner_pl.errors import UserInputError
+
+_logger = logging.getLogger(__name__)
+
+BadImages = Literal["error", "skip"]
+"""What a training image that cannot be decoded does: stop the run, or skip the image."""
 
 
 def _has_image(folder: Path) -> bool:
@@ -75,6 +89,12 @@ class ImageFolderDataModule(ClassificationDataModule):
             ``(images, targets, LabelMapCrop)``. None: plain classification.
         missing_label_maps: Images without a label map: ``error`` (at construction),
             ``skip`` them, or ``class_label`` (a map of the image's own class).
+        predict_dir: Folder of images for ``predict`` (files PIL cannot decode are skipped
+            and reported); None predicts the val split.
+        bad_images: A training image that cannot be decoded (damaged, truncated, not an
+            image): ``error`` stops with one line naming the file; ``skip`` trains on the next
+            image in its place and logs the file with the count so far. Val/test images
+            that cannot be decoded are always an error (skipping would change the scores).
     """
 
     layout: ClassVar[str] = (
@@ -106,6 +126,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         repeated_aug: int = 0,
         token_label_dir: str | None = None,
         missing_label_maps: MissingLabelMaps = "error",
+        predict_dir: str | None = None,
+        bad_images: BadImages = "error",
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -119,7 +141,13 @@ class ImageFolderDataModule(ClassificationDataModule):
             crop_pct=crop_pct,
             interpolation=interpolation,
             repeated_aug=repeated_aug,
+            predict_dir=predict_dir,
         )
+        if bad_images not in get_args(BadImages):
+            raise UserInputError(
+                f"bad_images={bad_images!r} is unknown: use one of {list(get_args(BadImages))}"
+            )
+        self.bad_images = bad_images
         self.root = Path(data_dir).expanduser()
         if not self.root.is_dir():
             raise UserInputError(
@@ -171,6 +199,7 @@ class ImageFolderDataModule(ClassificationDataModule):
                 missing_label_maps,
                 label_map_classes=self.label_map_classes,
             )
+            self.token_label_train_set.loader = self._image_loader("train")
 
     def _scan_split(self, split: Split) -> list[str]:
         """Returns the sorted class folder names of `split`, checking each holds an image."""
@@ -216,9 +245,65 @@ class ImageFolderDataModule(ClassificationDataModule):
         if split == "test" and not self.has_test_split:
             return None
         if split == "train" and self.token_label_train_set is not None:
-            return self.token_label_train_set
-        transform = self.train_transform if split == "train" else self.eval_transform
-        return ImageFolder(str(self.root / split), transform=transform)
+            dataset: Dataset = self.token_label_train_set
+        else:
+            transform = self.train_transform if split == "train" else self.eval_transform
+            dataset = ImageFolder(
+                str(self.root / split), transform=transform, loader=self._image_loader(split)
+            )
+        return SkipBadImages(dataset) if split == "train" and self.bad_images == "skip" else dataset
+
+    def _image_loader(self, split: Split) -> Callable[[str], Image.Image]:
+        """torchvision's image loader, turning a file it cannot decode into `UndecodableImage`."""
+        if split != "train":
+            hint = "replace or delete the file (evaluation does not skip images)"
+        elif self.bad_images == "skip":
+            hint = "skipped (data.bad_images: skip)"
+        else:
+            hint = "replace or delete the file, or set data.bad_images: skip to train without it"
+        return partial(load_image, hint=hint)
+
+
+class UndecodableImage(UserInputError):
+    """An image file that PIL cannot decode."""
+
+
+def load_image(path: str, hint: str) -> Image.Image:
+    """``torchvision``'s `default_loader` (PIL, RGB); a damaged file raises `UndecodableImage`."""
+    try:
+        return default_loader(path)
+    except DECODE_ERRORS as err:
+        raise UndecodableImage(
+            f"cannot decode image '{path}' ({type(err).__name__}: {err}): {hint}"
+        ) from None
+
+
+class SkipBadImages(Dataset):
+    """`dataset` with every image that cannot be decoded replaced by the next one that can.
+
+    Each such file is logged once per process (DataLoader workers are processes), with how
+    many were skipped there so far. The batch keeps its size (mixup needs even batches).
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.skipped: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        size = len(self)
+        for offset in range(size):
+            candidate = (index + offset) % size
+            if candidate in self.skipped:
+                continue
+            try:
+                return self.dataset[candidate]
+            except UndecodableImage as err:
+                self.skipped.add(candidate)
+                _logger.warning("%s; %d skipped so far in this process", err, len(self.skipped))
+        raise UserInputError("no training image can be decoded: check the dataset's files")
 
 
 @cache

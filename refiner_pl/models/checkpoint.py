@@ -176,9 +176,20 @@ def _load_keeping_backbone(
     reinitialised = [k for k in own if k.startswith(_HEADS)] if other_classes else []
     if other_classes:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_HEADS)}
+    # Tensors of another shape (another width, e.g. a DeiT checkpoint) are reported with the
+    # unexpected keys instead of load_state_dict's error; the position embedding may differ
+    # in its grid alone (it is resampled on load).
+    mismatched = [
+        k
+        for k, v in state_dict.items()
+        if k in own
+        and own[k].shape != v.shape
+        and not (k == "pos_embed" and own[k].shape[-1] == v.shape[-1])
+    ]
+    state_dict = {k: v for k, v in state_dict.items() if k not in mismatched}
     result = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in result.missing_keys if k not in reinitialised]
-    return reinitialised, missing, list(result.unexpected_keys)
+    return reinitialised, missing, [*result.unexpected_keys, *mismatched]
 
 
 def _build_and_load(

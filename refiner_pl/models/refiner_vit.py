@@ -174,6 +174,147 @@ def _fold_bn(weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, to
     return weight * scale.view(-1, 1, 1, 1), shift
 
 
+def _batchnorm_momentum(bn: nn.BatchNorm2d) -> float:
+    """Count the batch and return the running-average factor, as ``nn.BatchNorm2d`` does."""
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+
+
+def _update_running_stats(
+    bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int
+) -> None:
+    factor = _batchnorm_momentum(bn)
+    unbiased = var * (count / max(count - 1, 1))
+    bn.running_mean.copy_(factor * mean + (1 - factor) * bn.running_mean.double())
+    bn.running_var.copy_(factor * unbiased + (1 - factor) * bn.running_var.double())
+
+
+class _FusedTrainRefine(torch.autograd.Function):
+    """Training-mode ``post_bn(refiner(A)) * scale`` with a hand-written backward.
+
+    The 3H-channel maps live channels-last (B, N, N, 3H) from creation on: the 1x1 convs are
+    batched GEMMs over the heads that read and write the NCHW H-channel maps directly, and the
+    depthwise conv needs no padded copy. The expand BatchNorm's statistics come from the
+    map's H x H channel covariance (float64; the expanded maps' mean is large against their
+    spread), so the expanded maps are normalised by the GEMM that creates them and never
+    exist unnormalised; its backward, too, needs only H x H and 3H x H products. The H-channel
+    BatchNorms run as ``torch.native_batch_norm`` on NCHW, exactly as the modules do.
+    Saved for backward: the map, the two activations, the depthwise output and two H-channel
+    maps, instead of the modules' seven tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, attn, scale, padding, bns, w1, g1, b1, w2, g2, b2, w3, g3, b3, g4, b4):
+        batch, heads, rows, cols = attn.shape
+        hidden, pixels = w1.shape[0], rows * cols
+        count = batch * pixels
+        maps = attn.reshape(batch, heads, pixels)
+        # expand + BN1: mean_e = W mean(A), var_e = diag(W Cov(A) W^T)
+        maps64 = maps.double()
+        mean_a = maps64.mean((0, 2))
+        centred64 = maps64 - mean_a.view(1, -1, 1)
+        cov = (centred64 @ centred64.transpose(1, 2)).sum(0) / count
+        del maps64, centred64
+        w1m = w1.view(hidden, heads).double()
+        mean1 = w1m @ mean_a
+        var1 = ((w1m @ cov) * w1m).sum(1).clamp_(min=0)
+        rstd1 = torch.rsqrt(var1 + bns[0].eps)
+        alpha1 = g1.double() * rstd1
+        w1_folded = (w1m * alpha1.view(-1, 1)).to(attn.dtype)
+        shift1 = (b1.double() - mean1 * alpha1).to(attn.dtype)
+        act1_rows = torch.matmul(maps.transpose(1, 2), w1_folded.t())  # (B, N*N, 3H)
+        act1_rows.add_(shift1).clamp_(0.0, 6.0)
+        act1 = act1_rows.view(batch, rows, cols, hidden).permute(0, 3, 1, 2)
+        # depthwise conv + BN2 + ReLU6, channels-last
+        local = F.conv2d(act1, w2, padding=padding, groups=hidden)
+        var2, mean2 = torch.var_mean(local, (0, 2, 3), unbiased=False)
+        rstd2 = torch.rsqrt(var2.double() + bns[1].eps)
+        alpha2 = g2.double() * rstd2
+        shift2 = b2.double() - mean2.double() * alpha2
+        act2 = torch.addcmul(
+            shift2.to(local.dtype).view(1, -1, 1, 1),
+            local,
+            alpha2.to(local.dtype).view(1, -1, 1, 1),
+        ).clamp_(0.0, 6.0)
+        act2_rows = act2.permute(0, 2, 3, 1).reshape(batch, pixels, hidden)
+        # reduce conv back to NCHW, BN3, residual, post BN, scale: as the modules compute them
+        reduced = torch.matmul(w3.view(heads, hidden), act2_rows.transpose(1, 2))
+        reduced = reduced.view(batch, heads, rows, cols)
+        bn3, bn4 = bns[2], bns[3]
+        summed, mean3, rstd3 = torch.native_batch_norm(
+            reduced, g3, b3, bn3.running_mean, bn3.running_var, True, _batchnorm_momentum(bn3),
+            bn3.eps,
+        )  # fmt: skip
+        summed.add_(attn)
+        out, mean4, rstd4 = torch.native_batch_norm(
+            summed, g4, b4, bn4.running_mean, bn4.running_var, True, _batchnorm_momentum(bn4),
+            bn4.eps,
+        )  # fmt: skip
+        out.mul_(scale)
+        _update_running_stats(bns[0], mean1, var1, count)
+        _update_running_stats(bns[1], mean2.double(), var2.double(), count)
+        ctx.save_for_backward(attn, act1, local, act2, reduced, summed, w1, w2, w3, g2, g3, g4)
+        ctx.stats = (mean_a, rstd1, alpha1, mean2, rstd2, mean3, rstd3, mean4, rstd4)
+        ctx.scale, ctx.padding, ctx.eps = scale, padding, [bn.eps for bn in bns]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        attn, act1, local, act2, reduced, summed, w1, w2, w3, g2, g3, g4 = ctx.saved_tensors
+        dtype = attn.dtype
+        mean_a, rstd1, alpha1, mean2, rstd2, mean3, rstd3, mean4, rstd4 = (
+            t.to(dtype) for t in ctx.stats
+        )
+        batch, heads, rows, cols = attn.shape
+        hidden, pixels = w1.shape[0], rows * cols
+        count = batch * pixels
+        bn_backward = torch.ops.aten.native_batch_norm_backward
+        eps = ctx.eps
+        g_summed, g_g4, g_b4 = bn_backward(
+            grad.contiguous() * ctx.scale, summed, g4, None, None, mean4, rstd4, True, eps[3],
+            [True, True, True],
+        )  # fmt: skip
+        g_reduced, g_g3, g_b3 = bn_backward(
+            g_summed, reduced, g3, None, None, mean3, rstd3, True, eps[2], [True, True, True]
+        )
+        g_reduced = g_reduced.reshape(batch, heads, pixels)
+        act2_rows = act2.permute(0, 2, 3, 1).reshape(batch, pixels, hidden)
+        g_w3 = torch.matmul(g_reduced, act2_rows).sum(0).view_as(w3)
+        g_act2 = torch.matmul(g_reduced.transpose(1, 2), w3.view(heads, hidden))
+        g_act2 = g_act2.view(batch, rows, cols, hidden).permute(0, 3, 1, 2)
+        torch.ops.aten.hardtanh_backward.grad_input(g_act2, act2, 0.0, 6.0, grad_input=g_act2)
+        g_local, g_g2, g_b2 = bn_backward(
+            g_act2, local, g2, None, None, mean2, rstd2, True, eps[1], [True, True, True]
+        )
+        del g_act2
+        g_act1, g_w2, _ = torch.ops.aten.convolution_backward(
+            g_local, act1, w2, None, [1, 1], ctx.padding, [1, 1], False, [0, 0], hidden,
+            [True, True, False],
+        )  # fmt: skip
+        del g_local
+        torch.ops.aten.hardtanh_backward.grad_input(g_act1, act1, 0.0, 6.0, grad_input=g_act1)
+        # expand + BN1 from (3H, H) products: with g the pre-activation gradient and Ac the
+        # centred map, xhat = rstd W Ac, so sum(g * xhat) = rstd * rowsum(W * (g Ac^T)) and
+        # the gradients wrt A and W are small matrices applied to g and Ac.
+        g_pre = g_act1.permute(0, 2, 3, 1).reshape(batch, pixels, hidden)
+        centred = attn.reshape(batch, heads, pixels) - mean_a.view(1, -1, 1)
+        w1m = w1.view(hidden, heads)
+        g_centred = torch.matmul(centred, g_pre).sum(0).t()  # (3H, H)
+        cov = (centred @ centred.transpose(1, 2)).sum(0)  # (H, H), times count
+        g_b1 = g_pre.sum((0, 1))
+        g_g1 = (w1m * g_centred).sum(1) * rstd1
+        xhat_coef = alpha1 * g_g1 * rstd1 / count
+        g_w1 = alpha1.view(-1, 1) * g_centred - xhat_coef.view(-1, 1) * (w1m @ cov)
+        g_attn = torch.matmul((alpha1.view(-1, 1) * w1m).t(), g_pre.transpose(1, 2))
+        g_attn.sub_(torch.matmul((w1m.t() * xhat_coef) @ w1m, centred))
+        g_attn.sub_(((alpha1 * g_b1 / count) @ w1m).view(1, -1, 1))
+        g_attn = g_attn.view_as(attn).add_(g_summed)
+        return (
+            g_attn, None, None, None, g_w1.view_as(w1), g_g1, g_b1, g_w2, g_g2, g_b2, g_w3,
+            g_g3, g_b3, g_g4, g_b4,
+        )  # fmt: skip
+
+
 class RefinerAttention(nn.Module):
     """Multi-head attention of one block kind; returns the output and the map it hands on."""
 
@@ -215,12 +356,52 @@ class RefinerAttention(nn.Module):
         return x.reshape(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
     def refine(self, attn: torch.Tensor) -> torch.Tensor:
-        if not self.training and self.adapt_bn.track_running_stats:
+        if not self.training and self._foldable():
             return self.refiner.forward_folded(attn, self.adapt_bn, self.scale)
+        refine = self._refine_fused if self._fusable(attn) else self._refine_modules
         if self.refiner_checkpointing and torch.is_grad_enabled():
             # Keep only the map for backward, not the 3x wider expanded maps: recomputed.
-            return checkpoint_keeping_bn_stats(self, self._refine_modules, attn)
-        return self._refine_modules(attn)
+            return checkpoint_keeping_bn_stats(self, refine, attn)
+        return refine(attn)
+
+    def _norms(self) -> tuple[nn.Module, ...]:
+        refiner = self.refiner
+        return refiner.expand_bn, refiner.local_bn, refiner.reduce_bn, self.adapt_bn
+
+    def _fusable(self, attn: torch.Tensor) -> bool:
+        """Whether training may use the fused refiner: it reads the BatchNorms' tensors and
+        updates their running statistics itself, so each must be a plain training-mode
+        ``nn.BatchNorm2d`` (SyncBatchNorm and FSDP-wrapped norms run as modules). Under
+        autocast or torch.compile the modules run too: the compiler fuses them itself."""
+        return (
+            attn.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled(attn.device.type)
+            and not torch.compiler.is_compiling()
+            and all(
+                type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats
+                for bn in self._norms()
+            )
+        )
+
+    def _refine_fused(self, attn: torch.Tensor) -> torch.Tensor:
+        refiner, norms = self.refiner, self._norms()
+        weights = [refiner.expand.weight, refiner.local.weight, refiner.reduce.weight]
+        return _FusedTrainRefine.apply(
+            attn.contiguous(), self.scale, list(refiner.local.padding), norms,
+            weights[0], norms[0].weight, norms[0].bias, weights[1], norms[1].weight,
+            norms[1].bias, weights[2], norms[2].weight, norms[2].bias, norms[3].weight,
+            norms[3].bias,
+        )  # fmt: skip
+
+    def _foldable(self) -> bool:
+        """Whether eval may fold the BatchNorms: folding reads their tensors directly, so each
+        must be an unwrapped BatchNorm (SyncBatchNorm included) with running statistics. FSDP
+        under mixed precision wraps every BatchNorm in its own unit, whose parameters are only
+        gathered while that module runs: then the modules run instead (the same function)."""
+        return all(
+            isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats
+            for bn in self._norms()
+        )
 
     def _refine_modules(self, attn: torch.Tensor) -> torch.Tensor:
         return self.adapt_bn(self.refiner(attn)) * self.scale

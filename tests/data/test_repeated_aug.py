@@ -55,19 +55,20 @@ def test_train_loader_shards_by_the_trainers_rank_and_lightning_keeps_it(jpeg_tr
         dm.setup("fit")
         loaders.append(dm.train_dataloader())
     for rank, loader in enumerate(loaders):
-        sampler = loader.sampler
+        sampler = loader.sampler.indices  # the (index, seed) keys come from this order
         assert isinstance(sampler, RepeatAugDistributedSampler)
         assert (sampler.num_replicas, sampler.rank, sampler.num_repeats) == (2, rank, 3)
         assert len(loader) == 3  # 12 images over 2 devices, batches of 2
         # Lightning only injects its DistributedSampler where there is none already.
-        assert isinstance(sampler, DistributedSampler)
+        assert isinstance(loader.sampler, DistributedSampler)
         assert not ddp._data_connector._requires_distributed_sampler(loader)
-    drawn = Counter(list(loaders[0].sampler) + list(loaders[1].sampler))
+    drawn = Counter(index for loader in loaders for index, _ in loader.sampler)
     assert set(drawn.values()) == {3}
 
+    # Without repeats the train loader shards by itself as well (an epoch-seeded shuffle).
     plain = datamodule(jpeg_tree.path, repeated_aug=0)
     plain.setup("fit")
-    assert ddp._data_connector._requires_distributed_sampler(plain.train_dataloader())
+    assert not ddp._data_connector._requires_distributed_sampler(plain.train_dataloader())
 
 
 def test_lightning_sets_the_sampler_epoch(jpeg_tree):

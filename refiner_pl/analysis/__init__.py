@@ -1,0 +1,1 @@
+"""Tools that look inside trained models: attention-diversity metrics and reports."""

@@ -1,0 +1,334 @@
+"""Export a trained network for inference and check the export against PyTorch.
+
+    python -m refiner_pl.export --ckpt_path runs/quickstart/version_0/checkpoints/last.ckpt
+    python -m refiner_pl.export --ckpt_path refiner_s.pth --format exported_program
+
+``--ckpt_path`` takes a Lightning checkpoint of this project, a Refiner-ViT release file or a
+model saved with `refiner_pl.models.save_model`. The network (``ImageClassifier.model``, in
+eval mode, so the refiners run with their BatchNorms folded into the convolutions) maps
+normalised images ``(batch, channels, height, width)`` to class logits ``(batch,
+num_classes)``; the batch size is dynamic, the image size is the one the model was trained at.
+
+Formats:
+
+* ``onnx`` (default): ``torch.onnx.export``'s torch.export-based exporter; checked with
+  onnxruntime. Needs the optional extra: ``pip install -e '.[export]'``.
+* ``exported_program``: a ``torch.export`` ExportedProgram saved with ``torch.export.save``
+  (load it with ``torch.export.load(path).module()``).
+* ``torchscript``: ``torch.jit.trace`` (``torch.jit.script`` cannot compile the model), for
+  runtimes that only read TorchScript; PyTorch has deprecated TorchScript.
+
+After writing the file the command runs a random batch of another size than the one it
+traced with through the export and through PyTorch and reports the largest absolute
+difference of the logits; above ``--atol`` it deletes the file and fails.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+from jsonargparse import auto_cli
+from timm.data import resolve_model_data_config
+from torch import nn
+
+from refiner_pl.callbacks.ema import STATE_KEY as EMA_STATE_KEY
+from refiner_pl.callbacks.ema import load_ema_weights
+from refiner_pl.errors import UserInputError
+from refiner_pl.models import from_official_checkpoint, read_checkpoint
+
+Format = Literal["onnx", "exported_program", "torchscript"]
+FORMATS: tuple[str, ...] = Format.__args__  # type: ignore[attr-defined]
+SUFFIXES = {"onnx": ".onnx", "exported_program": ".pt2", "torchscript": ".torchscript.pt"}
+
+TRACE_BATCH = 2
+"""Batch size of the example input the export traces with (1 would fix the batch size)."""
+CHECK_BATCH = 3
+"""Batch size of the check after export: another size proves the batch dimension is dynamic."""
+MIN_OPSET = 18
+"""Lowest opset the torch.export-based ONNX exporter produces (lower ones are not converted)."""
+ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
+PROTOBUF_LIMIT = 2**31
+"""ONNX files are protobufs: larger models keep their weights in an external data file."""
+
+
+class ExportMismatchError(RuntimeError):
+    """The exported file computes other logits than the PyTorch network."""
+
+
+class LoadedNetwork(NamedTuple):
+    """A network ready to export and its input size (C, H, W); ``ema``: whether it holds a
+    Lightning checkpoint's EMA weights (None: a release or saved-model file)."""
+
+    network: nn.Module
+    input_size: tuple[int, int, int]
+    ema: bool | None
+
+    @property
+    def weights(self) -> str:
+        return {True: "EMA weights", False: "raw weights", None: "weights"}[self.ema]
+
+
+def load_network(ckpt_path: str | Path, ema: bool | None = None) -> LoadedNetwork:
+    """The network of a Lightning checkpoint, release file or saved model, in eval mode.
+
+    Args:
+        ckpt_path: the file to load.
+        ema: for Lightning checkpoints, export the EMA weights (True), the raw weights
+            (False), or the EMA weights when the checkpoint has them (None). Release files
+            always give their EMA weights when they hold both.
+    """
+    checkpoint = read_checkpoint(ckpt_path)  # one clear error for a missing or broken file
+    if "pytorch-lightning_version" not in checkpoint:
+        if ema is not None:
+            raise UserInputError(
+                f"--ema chooses between the raw and the EMA weights of a Lightning checkpoint, "
+                f"and {ckpt_path} is a release or saved-model file (it gives its EMA weights "
+                "when it has both): leave --ema out"
+            )
+        network = from_official_checkpoint(checkpoint)
+        return LoadedNetwork(_prepare(network), _input_size(network), None)
+
+    from refiner_pl.module import ImageClassifier  # Lightning and the training recipe
+
+    has_ema = bool((checkpoint.get("callbacks", {}).get(EMA_STATE_KEY) or {}).get("weights"))
+    del checkpoint  # load_from_checkpoint reads the file itself
+    # pretrained=False: the checkpoint brings the weights, nothing is downloaded
+    module = ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", pretrained=False)
+    network = module.model
+    use_ema = has_ema if ema is None else ema
+    if use_ema:
+        network.load_state_dict(load_ema_weights(ckpt_path))  # explains a missing average
+    return LoadedNetwork(_prepare(network), _input_size(network, module.hparams.img_size), use_ema)
+
+
+def _prepare(network: nn.Module) -> nn.Module:
+    """Eval mode (folded BatchNorms, no dropout) and no activation checkpointing to trace."""
+    if hasattr(network, "set_grad_checkpointing"):
+        network.set_grad_checkpointing(False)
+    if hasattr(network, "set_refiner_checkpointing"):
+        network.set_refiner_checkpointing(False)
+    return network.eval().requires_grad_(False)
+
+
+def _input_size(network: nn.Module, img_size: int | None = None) -> tuple[int, int, int]:
+    """(channels, height, width) the network was built for; ``img_size`` wins if given."""
+    model_args = getattr(network, "model_args", None)  # RefinerViT records its own
+    if isinstance(model_args, dict) and "img_size" in model_args:
+        height, width = model_args["img_size"]
+        channels = model_args["in_chans"]
+    else:  # any other timm model
+        channels, height, width = resolve_model_data_config(network)["input_size"]
+    if img_size is not None:
+        height = width = img_size
+    return int(channels), int(height), int(width)
+
+
+def _example(batch: int, input_size: tuple[int, int, int], seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *input_size, generator=generator)
+
+
+def require_onnx() -> None:
+    """Fails with the install command when the optional ``[export]`` extra is missing."""
+    missing = []
+    for name in ONNX_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise UserInputError(
+            f"ONNX export needs {', '.join(missing)} (the optional extra): "
+            "pip install -e '.[export]'"
+        )
+
+
+def _check_opset(opset: int | None) -> None:
+    if opset is None:
+        return
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise UserInputError(
+            f"--opset {opset} is not available: the exporter writes opsets {MIN_OPSET} to "
+            f"{newest}; pick one in that range or leave --opset out"
+        )
+
+
+def export_network(
+    network: nn.Module,
+    out: str | Path,
+    format: Format = "onnx",
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    opset: int | None = None,
+) -> Path:
+    """Writes ``network`` (in eval mode) to ``out`` with a dynamic batch dimension."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    example = _example(TRACE_BATCH, input_size, seed=0)
+    batch = torch.export.Dim("batch", min=1)
+    if format == "onnx":
+        require_onnx()
+        _check_opset(opset)
+        size = sum(p.numel() * p.element_size() for p in network.parameters())
+        torch.onnx.export(
+            network,
+            (example,),
+            str(out),
+            dynamo=True,  # the TorchScript-based exporter is deprecated
+            dynamic_shapes=({0: batch},),
+            input_names=["images"],
+            output_names=["logits"],
+            opset_version=opset,
+            external_data=size >= PROTOBUF_LIMIT,  # one self-contained file when it fits
+            verbose=False,
+        )
+    elif format == "exported_program":
+        program = torch.export.export(network, (example,), dynamic_shapes=({0: batch},))
+        torch.export.save(program, out)
+    elif format == "torchscript":
+        with warnings.catch_warnings():
+            # Deprecation notices, and tracer notes on shape checks that the trace fixes to
+            # the traced image size, which is the size the model is built for.
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(network, example)
+        traced.save(str(out))
+    else:
+        raise UserInputError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
+    return out
+
+
+def run_export(path: str | Path, format: Format, images: torch.Tensor) -> torch.Tensor:
+    """Runs the exported file on ``images`` with its own runtime; returns the logits."""
+    if format == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return torch.from_numpy(session.run(None, {name: images.numpy()})[0])
+    if format == "exported_program":
+        return torch.export.load(path).module()(images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+        return torch.jit.load(str(path))(images)
+
+
+@torch.no_grad()
+def check_export(
+    path: str | Path,
+    network: nn.Module,
+    format: Format,
+    input_size: tuple[int, int, int],
+    batch_size: int = CHECK_BATCH,
+    atol: float = 1e-4,
+) -> float:
+    """Largest absolute logit difference between the export and ``network`` on a random
+    batch; raises `ExportMismatchError` above ``atol``."""
+    images = _example(batch_size, input_size, seed=1)
+    expected = network(images)
+    got = run_export(path, format, images)
+    if got.shape != expected.shape:
+        raise ExportMismatchError(
+            f"{path} returns logits of shape {tuple(got.shape)} for a batch of {batch_size}, "
+            f"PyTorch {tuple(expected.shape)}"
+        )
+    diff = (got - expected).abs().max().item()
+    if not diff <= atol:  # also catches NaN
+        raise ExportMismatchError(
+            f"{path} differs from PyTorch by up to {diff:.3g} at batch size {batch_size} "
+            f"(tolerance {atol:g})"
+        )
+    return diff
+
+
+def export(
+    ckpt_path: str,
+    format: Format = "onnx",
+    out: str | None = None,
+    opset: int | None = None,
+    ema: bool | None = None,
+    atol: float = 1e-4,
+) -> Path:
+    """Export a checkpoint's network and check it against PyTorch.
+
+    Args:
+        ckpt_path: a Lightning checkpoint of this project, a Refiner-ViT release file or a
+            model saved with refiner_pl.models.save_model.
+        format: onnx, exported_program (torch.export) or torchscript (torch.jit.trace).
+        out: the file to write; default: next to the checkpoint, named after it, with
+            ``-ema`` for EMA weights and the format's suffix (.onnx, .pt2, .torchscript.pt).
+        opset: ONNX opset (18 or newer); default: the exporter's.
+        ema: Lightning checkpoints: true exports the EMA weights, false the raw weights;
+            default: the EMA weights when the checkpoint has them.
+        atol: largest absolute logit difference accepted in the check after export.
+    """
+    if format not in FORMATS:
+        raise UserInputError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
+    if not atol > 0:
+        raise UserInputError(f"--atol must be > 0, got {atol}")
+    source = Path(ckpt_path)
+    if not source.is_file():
+        raise UserInputError(f"checkpoint {ckpt_path!r} does not exist: check --ckpt_path")
+    if out is not None and Path(out).resolve() == source.resolve():
+        raise UserInputError(f"--out {out} would overwrite the checkpoint: choose another file")
+    if out is not None and format == "exported_program" and not out.endswith(".pt2"):
+        raise UserInputError(
+            f"--out {out}: torch.export archives must end in .pt2 (torch.export.load expects "
+            "it); name the file <name>.pt2"
+        )
+    if format == "onnx":  # before the checkpoint is read
+        require_onnx()
+        _check_opset(opset)
+    elif opset is not None:
+        raise UserInputError("--opset applies to ONNX only: drop it or use --format onnx")
+
+    loaded = load_network(source, ema)
+    if out is None:
+        tag = "-ema" if loaded.ema else ""
+        out = str(source.with_name(source.stem + tag + SUFFIXES[format]))
+    path = export_network(loaded.network, out, format, loaded.input_size, opset)
+    try:
+        diff = check_export(path, loaded.network, format, loaded.input_size, atol=atol)
+    except ExportMismatchError as err:
+        path.unlink(missing_ok=True)
+        raise ExportMismatchError(f"{err}; deleted the file") from None
+    runtime = "onnxruntime" if format == "onnx" else "the loaded file"
+    print(
+        f"exported the {loaded.weights} of {ckpt_path} to {path} ({format}, input "
+        f"(batch, {', '.join(map(str, loaded.input_size))}), dynamic batch); {runtime} vs "
+        f"PyTorch at batch size {CHECK_BATCH}: max abs diff {diff:.3g} (<= {atol:g})"
+    )
+    return path
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``python -m refiner_pl.export``: bad input is one ``error:`` line."""
+    from refiner_pl.cli import RefinerArgumentParser, _find_user_error  # as cli.py does
+
+    try:
+        auto_cli(
+            export,
+            args=args,
+            as_positional=False,
+            parser_class=RefinerArgumentParser,
+            prog="python -m refiner_pl.export",
+        )
+    except ExportMismatchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception as err:
+        user_error = _find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
