@@ -57,7 +57,7 @@ from refiner_pl.callbacks import (
 )
 from refiner_pl.checkpoint_io import AtomicCheckpointIO, check_lightning_checkpoint
 from refiner_pl.data import ClassificationDataModule
-from refiner_pl.errors import UserInputError
+from refiner_pl.errors import UserInputError, reporting_user_errors
 from refiner_pl.module import ImageClassifier
 
 CKPT_ALIASES = ("best", "last")
@@ -75,7 +75,7 @@ class RefinerArgumentParser(LightningArgumentParser):
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"error: {_one_line(message)} (see: {prog} --help)\n")
+        sys.stderr.write(f"error: {one_line(message)} (see: {prog} --help)\n")
         self.exit(2)
 
 
@@ -306,14 +306,8 @@ class RefinerCLI(LightningCLI):
 
 def main(args: ArgsType = None) -> None:
     """Entry point of ``cli.py``; a `UserInputError` becomes one ``error:`` line, exit 2."""
-    try:
+    with reporting_user_errors():
         RefinerCLI(args=args)
-    except Exception as err:
-        user_error = _find_user_error(err)
-        if user_error is None:
-            raise
-        print(f"error: {_user_message(user_error)}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -379,21 +373,6 @@ def _say_where_checkpoints_go(trainer: L.Trainer) -> None:
             rank_zero_info(f"checkpoints go to {folder} (trainer.logger is off: no run folder)")
         elif not folder.is_relative_to(run_dir):
             rank_zero_info(f"checkpoints go to {folder}, outside the run folder {run_dir}")
-
-
-def _user_message(error: UserInputError) -> str:
-    """The error's own message, also when a DataLoader worker raised it.
-
-    torch re-raises a worker's exception in the main process with the worker's whole
-    traceback as its text; the message is the last line, after the exception's name.
-    """
-    text = str(error)
-    if text.startswith("Caught ") and "Original Traceback" in text:
-        last = text.rstrip().splitlines()[-1]
-        name, _, message = last.partition(": ")
-        if message and name.endswith(type(error).__name__):
-            return message
-    return text
 
 
 def _resume_in_place(config: Namespace) -> None:
@@ -477,18 +456,7 @@ def _best_checkpoint(ckpt_dir: Path) -> Path:
     )
 
 
-def _find_user_error(err: BaseException | None) -> UserInputError | None:
-    """The UserInputError behind `err` (jsonargparse wraps errors raised while instantiating)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, UserInputError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def _one_line(message: str) -> str:
+def one_line(message: str) -> str:
     """Condenses jsonargparse's nested multi-line report to ``key.path: first reason``."""
     keys: list[str] = []
     reason = given = None

@@ -38,7 +38,7 @@ from torch import nn
 
 from refiner_pl.callbacks.ema import STATE_KEY as EMA_STATE_KEY
 from refiner_pl.callbacks.ema import load_ema_weights
-from refiner_pl.errors import UserInputError
+from refiner_pl.errors import UserInputError, reporting_user_errors
 from refiner_pl.models import from_official_checkpoint, read_checkpoint
 
 Format = Literal["onnx", "exported_program", "torchscript"]
@@ -309,25 +309,20 @@ def export(
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m refiner_pl.export``: bad input is one ``error:`` line."""
-    from refiner_pl.cli import RefinerArgumentParser, _find_user_error  # as cli.py does
+    from refiner_pl.cli import RefinerArgumentParser  # as cli.py does
 
     try:
-        auto_cli(
-            export,
-            args=args,
-            as_positional=False,
-            parser_class=RefinerArgumentParser,
-            prog="python -m refiner_pl.export",
-        )
+        with reporting_user_errors():
+            auto_cli(
+                export,
+                args=args,
+                as_positional=False,
+                parser_class=RefinerArgumentParser,
+                prog="python -m refiner_pl.export",
+            )
     except ExportMismatchError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    except Exception as err:
-        user_error = _find_user_error(err)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

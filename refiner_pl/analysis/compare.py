@@ -16,7 +16,6 @@ layer-by-layer similarity matrices and the class token's attention maps.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,9 @@ from refiner_pl.analysis.attention import (
     series_maps,
 )
 from refiner_pl.callbacks import load_ema_weights
-from refiner_pl.cli import RefinerArgumentParser, _find_user_error, _one_line
+from refiner_pl.cli import RefinerArgumentParser, one_line
 from refiner_pl.data import ClassificationDataModule
-from refiner_pl.errors import UserInputError
+from refiner_pl.errors import UserInputError, find_user_error, reporting_user_errors
 from refiner_pl.models import read_checkpoint
 from refiner_pl.module import ImageClassifier
 
@@ -110,7 +109,7 @@ def load_datamodule(config: str | None, first_checkpoint: str) -> Classification
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        reason = _one_line(str(err))
+        reason = one_line(str(err))
         raise UserInputError(f"config {config!r} is not valid YAML ({reason})") from None
     if not isinstance(loaded, dict) or not loaded.get("data"):
         raise UserInputError(
@@ -122,8 +121,8 @@ def load_datamodule(config: str | None, first_checkpoint: str) -> Classification
     try:
         return parser.instantiate(parser.parse_object({"data": loaded["data"]})).data
     except Exception as err:
-        user_error = _find_user_error(err)
-        reason = str(user_error) if user_error else _one_line(str(err))
+        user_error = find_user_error(err)
+        reason = str(user_error) if user_error else one_line(str(err))
         raise UserInputError(f"config {config!r}: {reason}") from None
 
 
@@ -276,7 +275,7 @@ def compare(
 def main(args: Sequence[str] | None = None) -> None:
     """Command-line entry; bad input ends with one ``error: ...`` line and exit status 2."""
     parsed = build_parser().parse_args(args)
-    try:
+    with reporting_user_errors():
         compare(
             parsed.checkpoints,
             parsed.out,
@@ -287,12 +286,6 @@ def main(args: Sequence[str] | None = None) -> None:
             display=parsed.display,
             ema=parsed.ema,
         )
-    except Exception as err:
-        user_error = _find_user_error(err)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        raise SystemExit(2) from None
     out = Path(parsed.out)
     print(f"wrote {out / f'{REPORT}.png'} and {out / f'{REPORT}.json'}")
 

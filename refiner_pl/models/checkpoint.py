@@ -46,11 +46,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not _looks_like_a_pickle(path):  # e.g. a text file: nothing was refused
+            raise UserInputError(
+                f"cannot read checkpoint {str(path)!r}: it is not a PyTorch checkpoint; "
+                "point at a .ckpt/.pth/.pt file"
+            ) from None
         raise UserInputError(
             f"refused to load {str(path)!r}: it contains pickled objects that are not plain "
-            f"tensors ({first[:160]}); only load checkpoints from sources you trust, and "
-            "re-save them as a plain state dict"
+            f"tensors ({_unpickler_reason(err)[:160]}); only load checkpoints from sources you "
+            "trust, and re-save them as a plain state dict"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -63,6 +67,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"checkpoint {str(path)!r} holds a {type(loaded).__name__}, not a state dict"
         )
     return dict(loaded)
+
+
+def _looks_like_a_pickle(path: Path) -> bool:
+    """torch.save writes a zip archive (legacy: a pickle, starting with its PROTO opcode)."""
+    with path.open("rb") as f:
+        head = f.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The line of torch's weights-only report that names what was refused, without ANSI codes."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    reasons = [line for line in lines if line.startswith(("Unsupported", "Trying to"))]
+    return reasons[0] if reasons else (lines[0] if lines else type(err).__name__)
 
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -372,9 +372,11 @@ class RefinerAttention(nn.Module):
         """Whether training may use the fused refiner: it reads the BatchNorms' tensors and
         updates their running statistics itself, so each must be a plain training-mode
         ``nn.BatchNorm2d`` (SyncBatchNorm and FSDP-wrapped norms run as modules). Under
-        autocast or torch.compile the modules run too: the compiler fuses them itself."""
+        autocast or torch.compile the modules run too: the compiler fuses them itself. It is
+        written for (and tested on) the CPU, where the refiner is memory-bound."""
         return (
-            attn.dtype in (torch.float32, torch.float64)
+            attn.device.type == "cpu"
+            and attn.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled(attn.device.type)
             and not torch.compiler.is_compiling()
             and all(
