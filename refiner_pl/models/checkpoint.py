@@ -43,10 +43,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"checkpoint {str(path)!r} does not exist: check the path")
+    with path.open("rb") as f:
+        head = f.read(2)
+    is_zip = head == b"PK"  # torch.save's format; legacy files are a bare pickle
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped where the format allows: a check of a multi-GB checkpoint before
+        # Lightning loads it reads only the pages it touches.
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as err:
-        if not _looks_like_a_pickle(path):  # e.g. a text file: nothing was refused
+        if not (is_zip or head[:1] == b"\x80"):  # not a pickle at all, e.g. a text file
             raise UserInputError(
                 f"cannot read checkpoint {str(path)!r}: it is not a PyTorch checkpoint; "
                 "point at a .ckpt/.pth/.pt file"
@@ -67,13 +72,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"checkpoint {str(path)!r} holds a {type(loaded).__name__}, not a state dict"
         )
     return dict(loaded)
-
-
-def _looks_like_a_pickle(path: Path) -> bool:
-    """torch.save writes a zip archive (legacy: a pickle, starting with its PROTO opcode)."""
-    with path.open("rb") as f:
-        head = f.read(2)
-    return head == b"PK" or head[:1] == b"\x80"
 
 
 def _unpickler_reason(err: Exception) -> str:
