@@ -91,7 +91,21 @@ class ConvStem(nn.Module):
         x = self.act(self.bn1(self.conv1(x)))
         x = self.act(self.bn2(self.conv2(x)))
         x = self.act(self.bn3(self.conv3(x)))
-        return self.proj(x)
+        return _patchify_conv(self.proj, x)
+
+
+def _patchify_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A k x k convolution with stride k as one GEMM over the cut-out patches, returned
+    channels-last. oneDNN runs this shape far below its GEMM speed, above all in backward
+    (about 4x on CPU); on CUDA cuDNN does well, so the module runs there."""
+    kernel = conv.kernel_size[0]
+    batch, chans, height, width = x.shape
+    if x.device.type != "cpu" or height % kernel or width % kernel:
+        return conv(x)
+    rows, cols = height // kernel, width // kernel
+    patches = x.reshape(batch, chans, rows, kernel, cols, kernel).permute(0, 2, 4, 1, 3, 5)
+    out = F.linear(patches.reshape(batch * rows * cols, -1), conv.weight.flatten(1), conv.bias)
+    return out.view(batch, rows, cols, -1).permute(0, 3, 1, 2)
 
 
 class LinearPatchEmbed(nn.Module):
@@ -102,7 +116,7 @@ class LinearPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+        return _patchify_conv(self.proj, x)
 
 
 class AttentionRefiner(nn.Module):
@@ -150,12 +164,39 @@ class AttentionRefiner(nn.Module):
         # post(R + A) = R * w + b + A * w, and R's conv absorbs w and b
         w3 = w3 * post_w.view(-1, 1, 1, 1)
         b3 = b3 * post_w + post_b
-        x = attn.contiguous(memory_format=torch.channels_last)
-        x = F.relu6(F.conv2d(x, w1, b1), inplace=True)
-        x = F.relu6(
-            F.conv2d(x, w2, b2, padding=self.local.padding, groups=self.local.groups), inplace=True
-        )
-        return torch.addcmul(F.conv2d(x, w3, b3), attn, post_w.view(1, -1, 1, 1))
+        # out = A * w + b3 + W3 act2, the 1x1 reduce conv a GEMM accumulating into it. A few
+        # samples at a time: the 3H-channel maps of a chunk stay in cache and are allocated
+        # from the heap, where a whole batch's maps would be fresh pages every call.
+        batch, heads = attn.shape[:2]
+        maps = attn.reshape(batch, heads, -1)
+        out = torch.addcmul(b3.view(-1, 1), maps, post_w.view(-1, 1))
+        chunk = _chunk_size(attn, w1.shape[0])
+        reduce = w3.view(1, heads, -1).expand(chunk, -1, -1)
+        for start in range(0, batch, chunk):
+            part = attn[start : start + chunk]
+            act1 = _expand_channels_last(part, w1, b1).clamp_(0.0, 6.0)
+            local = F.conv2d(act1, w2, padding=self.local.padding, groups=self.local.groups)
+            act2 = _channel_rows(local).add_(b2).clamp_(0.0, 6.0)
+            act2 = act2.view(part.shape[0], -1, act2.shape[1]).transpose(1, 2)
+            out[start : start + chunk].baddbmm_(reduce[: part.shape[0]], act2)
+        return out.view_as(attn)
+
+
+def _chunk_size(attn: torch.Tensor, hidden: int, budget_bytes: int = 8 * 2**20) -> int:
+    """How many samples' expanded (hidden-channel) maps fit in ``budget_bytes``."""
+    per_sample = hidden * attn[0, 0].numel() * attn.element_size()
+    return max(1, min(attn.shape[0], budget_bytes // per_sample))
+
+
+def _expand_channels_last(attn: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    """A 1x1 convolution of the (B, H, N, N) map to ``weight.shape[0]`` channels plus
+    ``bias``, as a GEMM that reads the NCHW map and writes the result channels-last."""
+    batch, heads, rows, cols = attn.shape
+    rows_out = torch.matmul(
+        attn.reshape(batch, heads, -1).transpose(1, 2), weight.view(-1, heads).t()
+    )
+    rows_out.add_(bias)
+    return rows_out.view(batch, rows, cols, -1).permute(0, 3, 1, 2)
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,6 +228,33 @@ def _update_running_stats(
     unbiased = var * (count / max(count - 1, 1))
     bn.running_mean.copy_(factor * mean + (1 - factor) * bn.running_mean.double())
     bn.running_var.copy_(factor * unbiased + (1 - factor) * bn.running_var.double())
+
+
+def _channel_rows(x: torch.Tensor) -> torch.Tensor:
+    """The (B*H*W, C) rows of a channels-last NCHW tensor (a view when it is contiguous)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _channels_last_bn_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Training-mode BatchNorm backward for channels-last maps, as per-channel row sums and
+    two multiply-adds: ``native_batch_norm_backward`` is several times slower on this layout.
+    Returns the gradients wrt input, weight and bias."""
+    grad_rows, x_rows = _channel_rows(grad), _channel_rows(x)
+    count = grad_rows.shape[0]
+    work = torch.empty_like(grad_rows)
+    grad_bias = grad_rows.sum(0)
+    grad_weight = torch.sub(x_rows, mean, out=work).mul_(grad_rows).sum(0) * rstd
+    # grad_x = w rstd (g - mean(g) - xhat mean(g xhat)) = A g + B x + C per channel
+    a = weight.double() * rstd.double()
+    b = -a * rstd.double() * grad_weight.double() / count
+    c = -a * grad_bias.double() / count - b * mean.double()
+    dtype = grad.dtype
+    torch.addcmul(c.to(dtype), x_rows, b.to(dtype), out=work).addcmul_(grad_rows, a.to(dtype))
+    grad_x = work.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
+    return grad_x, grad_weight, grad_bias
 
 
 class _FusedTrainRefine(torch.autograd.Function):
@@ -222,21 +290,23 @@ class _FusedTrainRefine(torch.autograd.Function):
         alpha1 = g1.double() * rstd1
         w1_folded = (w1m * alpha1.view(-1, 1)).to(attn.dtype)
         shift1 = (b1.double() - mean1 * alpha1).to(attn.dtype)
-        act1_rows = torch.matmul(maps.transpose(1, 2), w1_folded.t())  # (B, N*N, 3H)
-        act1_rows.add_(shift1).clamp_(0.0, 6.0)
-        act1 = act1_rows.view(batch, rows, cols, hidden).permute(0, 3, 1, 2)
-        # depthwise conv + BN2 + ReLU6, channels-last
+        act1 = _expand_channels_last(attn, w1_folded, shift1).clamp_(0.0, 6.0)
+        # depthwise conv + BN2 + ReLU6, channels-last. The statistics are row sums of the
+        # (B*N*N, 3H) view, which PyTorch reduces much faster than var_mean over NCHW dims;
+        # the centred squares are written into act2's storage before act2 itself.
         local = F.conv2d(act1, w2, padding=padding, groups=hidden)
-        var2, mean2 = torch.var_mean(local, (0, 2, 3), unbiased=False)
+        local_rows = _channel_rows(local)
+        act2_rows = torch.empty_like(local_rows)
+        mean2 = local_rows.sum(0) / count
+        var2 = torch.sub(local_rows, mean2, out=act2_rows).square_().sum(0) / count
         rstd2 = torch.rsqrt(var2.double() + bns[1].eps)
         alpha2 = g2.double() * rstd2
         shift2 = b2.double() - mean2.double() * alpha2
-        act2 = torch.addcmul(
-            shift2.to(local.dtype).view(1, -1, 1, 1),
-            local,
-            alpha2.to(local.dtype).view(1, -1, 1, 1),
+        torch.addcmul(
+            shift2.to(local.dtype), local_rows, alpha2.to(local.dtype), out=act2_rows
         ).clamp_(0.0, 6.0)
-        act2_rows = act2.permute(0, 2, 3, 1).reshape(batch, pixels, hidden)
+        act2 = act2_rows.view(batch, rows, cols, hidden).permute(0, 3, 1, 2)
+        act2_rows = act2_rows.view(batch, pixels, hidden)
         # reduce conv back to NCHW, BN3, residual, post BN, scale: as the modules compute them
         reduced = torch.matmul(w3.view(heads, hidden), act2_rows.transpose(1, 2))
         reduced = reduced.view(batch, heads, rows, cols)
@@ -283,9 +353,7 @@ class _FusedTrainRefine(torch.autograd.Function):
         g_act2 = torch.matmul(g_reduced.transpose(1, 2), w3.view(heads, hidden))
         g_act2 = g_act2.view(batch, rows, cols, hidden).permute(0, 3, 1, 2)
         torch.ops.aten.hardtanh_backward.grad_input(g_act2, act2, 0.0, 6.0, grad_input=g_act2)
-        g_local, g_g2, g_b2 = bn_backward(
-            g_act2, local, g2, None, None, mean2, rstd2, True, eps[1], [True, True, True]
-        )
+        g_local, g_g2, g_b2 = _channels_last_bn_backward(g_act2, local, g2, mean2, rstd2)
         del g_act2
         g_act1, g_w2, _ = torch.ops.aten.convolution_backward(
             g_local, act1, w2, None, [1, 1], ctx.padding, [1, 1], False, [0, 0], hidden,
@@ -435,9 +503,9 @@ class RefinerAttention(nn.Module):
                 return self.proj_drop(
                     self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
                 ), None
-            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+            attn = torch.matmul(q, k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1)
             if add_prev:
-                attn = attn + self.scale * prev_map
+                attn = torch.add(attn, prev_map, alpha=self.scale)
             attn = self.attn_drop(attn)
             next_map = attn
             if self.block_type == "refine":
