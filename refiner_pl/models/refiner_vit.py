@@ -171,19 +171,30 @@ class AttentionRefiner(nn.Module):
         maps = attn.reshape(batch, heads, -1)
         out = torch.addcmul(b3.view(-1, 1), maps, post_w.view(-1, 1))
         chunk = _chunk_size(attn, w1.shape[0])
-        reduce = w3.view(1, heads, -1).expand(chunk, -1, -1)
-        for start in range(0, batch, chunk):
-            part = attn[start : start + chunk]
+        reduce = w3.view(1, heads, -1).expand(chunk or batch, -1, -1)
+        starts = range(0, batch, chunk) if chunk else [0]
+        for start in starts:
+            part = attn[start : start + chunk] if chunk else attn
             act1 = _expand_channels_last(part, w1, b1).clamp_(0.0, 6.0)
             local = F.conv2d(act1, w2, padding=self.local.padding, groups=self.local.groups)
             act2 = _channel_rows(local).add_(b2).clamp_(0.0, 6.0)
             act2 = act2.view(part.shape[0], -1, act2.shape[1]).transpose(1, 2)
-            out[start : start + chunk].baddbmm_(reduce[: part.shape[0]], act2)
+            target = out[start : start + chunk] if chunk else out
+            target.baddbmm_(reduce[: part.shape[0]], act2)
         return out.view_as(attn)
 
 
-def _chunk_size(attn: torch.Tensor, hidden: int, budget_bytes: int = 8 * 2**20) -> int:
-    """How many samples' expanded (hidden-channel) maps fit in ``budget_bytes``."""
+def _chunk_size(attn: torch.Tensor, hidden: int, budget_bytes: int = 8 * 2**20) -> int | None:
+    """How many samples' expanded (hidden-channel) maps fit in ``budget_bytes``; ``None``
+    (the whole batch at once) while tracing or exporting, which must keep the batch size
+    symbolic, and on GPUs, which want large kernels."""
+    if (
+        attn.device.type != "cpu"
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or torch.onnx.is_in_onnx_export()
+    ):
+        return None
     per_sample = hidden * attn[0, 0].numel() * attn.element_size()
     return max(1, min(attn.shape[0], budget_bytes // per_sample))
 
