@@ -246,6 +246,14 @@ def _channel_rows(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
+def _channel_sums(rows: torch.Tensor) -> torch.Tensor:
+    """Column sums of (M, C) rows. Summing over the long axis with only C values per row is
+    slow in PyTorch (~5x for C = 36); viewed k rows wide, the same sum vectorises."""
+    count, channels = rows.shape
+    wide = next(k for k in (8, 4, 2, 1) if count % k == 0)
+    return rows.reshape(-1, wide * channels).sum(0).view(wide, channels).sum(0)
+
+
 def _channels_last_bn_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
     rstd: torch.Tensor,
@@ -256,8 +264,8 @@ def _channels_last_bn_backward(
     grad_rows, x_rows = _channel_rows(grad), _channel_rows(x)
     count = grad_rows.shape[0]
     work = torch.empty_like(grad_rows)
-    grad_bias = grad_rows.sum(0)
-    grad_weight = torch.sub(x_rows, mean, out=work).mul_(grad_rows).sum(0) * rstd
+    grad_bias = _channel_sums(grad_rows)
+    grad_weight = _channel_sums(torch.sub(x_rows, mean, out=work).mul_(grad_rows)) * rstd
     # grad_x = w rstd (g - mean(g) - xhat mean(g xhat)) = A g + B x + C per channel
     a = weight.double() * rstd.double()
     b = -a * rstd.double() * grad_weight.double() / count
@@ -308,8 +316,8 @@ class _FusedTrainRefine(torch.autograd.Function):
         local = F.conv2d(act1, w2, padding=padding, groups=hidden)
         local_rows = _channel_rows(local)
         act2_rows = torch.empty_like(local_rows)
-        mean2 = local_rows.sum(0) / count
-        var2 = torch.sub(local_rows, mean2, out=act2_rows).square_().sum(0) / count
+        mean2 = _channel_sums(local_rows) / count
+        var2 = _channel_sums(torch.sub(local_rows, mean2, out=act2_rows).square_()) / count
         rstd2 = torch.rsqrt(var2.double() + bns[1].eps)
         alpha2 = g2.double() * rstd2
         shift2 = b2.double() - mean2.double() * alpha2
@@ -380,7 +388,7 @@ class _FusedTrainRefine(torch.autograd.Function):
         w1m = w1.view(hidden, heads)
         g_centred = torch.matmul(centred, g_pre).sum(0).t()  # (3H, H)
         cov = (centred @ centred.transpose(1, 2)).sum(0)  # (H, H), times count
-        g_b1 = g_pre.sum((0, 1))
+        g_b1 = _channel_sums(g_pre.view(-1, hidden))
         g_g1 = (w1m * g_centred).sum(1) * rstd1
         xhat_coef = alpha1 * g_g1 * rstd1 / count
         g_w1 = alpha1.view(-1, 1) * g_centred - xhat_coef.view(-1, 1) * (w1m @ cov)
