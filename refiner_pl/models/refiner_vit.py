@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, Literal, NamedTuple
@@ -88,9 +89,12 @@ class ConvStem(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.bn1(self.conv1(x)))
-        x = self.act(self.bn2(self.conv2(x)))
-        x = self.act(self.bn3(self.conv3(x)))
+        for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
+            if bn.training or not bn.track_running_stats:
+                x = self.act(bn(conv(x)))
+            else:  # running statistics: fold the BatchNorm into the convolution
+                weight, bias = _fold_bn(conv.weight, bn)
+                x = F.conv2d(x, weight, bias, conv.stride, conv.padding).relu_()
         return _patchify_conv(self.proj, x)
 
 
@@ -199,15 +203,25 @@ def _chunk_size(attn: torch.Tensor, hidden: int, budget_bytes: int = 8 * 2**20) 
     return max(1, min(attn.shape[0], budget_bytes // per_sample))
 
 
-def _expand_channels_last(attn: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+def _expand_channels_last(
+    attn: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    workspace: _Workspace | None = None,
+) -> torch.Tensor:
     """A 1x1 convolution of the (B, H, N, N) map to ``weight.shape[0]`` channels plus
-    ``bias``, as a GEMM that reads the NCHW map and writes the result channels-last."""
+    ``bias``, as a GEMM that reads the NCHW map and writes the result channels-last (into the
+    workspace's ``act1`` when given)."""
     batch, heads, rows, cols = attn.shape
-    rows_out = torch.matmul(
-        attn.reshape(batch, heads, -1).transpose(1, 2), weight.view(-1, heads).t()
-    )
-    rows_out.add_(bias)
-    return rows_out.view(batch, rows, cols, -1).permute(0, 3, 1, 2)
+    maps_t = attn.reshape(batch, heads, -1).transpose(1, 2)
+    weight_t = weight.view(-1, heads).t()
+    if workspace is None:
+        out = torch.matmul(maps_t, weight_t)
+    else:
+        out = workspace.get("act1", (batch, rows * cols, weight.shape[0]), attn)
+        torch.bmm(maps_t, weight_t.expand(batch, -1, -1), out=out)
+    out.add_(bias)
+    return out.view(batch, rows, cols, -1).permute(0, 3, 1, 2)
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,26 +268,60 @@ def _channel_sums(rows: torch.Tensor) -> torch.Tensor:
     return rows.reshape(-1, wide * channels).sum(0).view(wide, channels).sum(0)
 
 
-def _channels_last_bn_backward(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-    rstd: torch.Tensor,
+def _bn_backward_rows(
+    grad_rows: torch.Tensor, x_rows: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+    rstd: torch.Tensor, out: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Training-mode BatchNorm backward for channels-last maps, as per-channel row sums and
-    two multiply-adds: ``native_batch_norm_backward`` is several times slower on this layout.
-    Returns the gradients wrt input, weight and bias."""
-    grad_rows, x_rows = _channel_rows(grad), _channel_rows(x)
+    """Training-mode BatchNorm backward for (M, C) channel rows, as per-channel row sums and
+    two multiply-adds (``native_batch_norm_backward`` is several times slower on channels-last
+    maps). Writes the input gradient into ``out``, which must alias neither input; returns it
+    and the gradients wrt weight and bias."""
     count = grad_rows.shape[0]
-    work = torch.empty_like(grad_rows)
     grad_bias = _channel_sums(grad_rows)
-    grad_weight = _channel_sums(torch.sub(x_rows, mean, out=work).mul_(grad_rows)) * rstd
+    grad_weight = _channel_sums(torch.sub(x_rows, mean, out=out).mul_(grad_rows)) * rstd
     # grad_x = w rstd (g - mean(g) - xhat mean(g xhat)) = A g + B x + C per channel
     a = weight.double() * rstd.double()
     b = -a * rstd.double() * grad_weight.double() / count
     c = -a * grad_bias.double() / count - b * mean.double()
-    dtype = grad.dtype
-    torch.addcmul(c.to(dtype), x_rows, b.to(dtype), out=work).addcmul_(grad_rows, a.to(dtype))
-    grad_x = work.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
-    return grad_x, grad_weight, grad_bias
+    dtype = grad_rows.dtype
+    torch.addcmul(c.to(dtype), x_rows, b.to(dtype), out=out).addcmul_(grad_rows, a.to(dtype))
+    return out, grad_weight, grad_bias
+
+
+class _Workspace(threading.local):
+    """Scratch tensors that the fused refiner reuses from block to block and step to step.
+
+    On CPU a fresh tensor can cost more than the arithmetic on it: glibc hands large blocks
+    back to the kernel on free, so every new 3H-channel map (45 MB for S at 224 px, batch 8)
+    is page-faulted and zeroed again. The temporaries (the two activations, which backward
+    recomputes, and the gradient maps) live here instead; nothing saved for backward or
+    returned is ever a workspace view. One set per thread, device and dtype, grown to the
+    largest shape seen.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        key = (name, like.device, like.dtype)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer[:numel].view(*shape)
+
+
+_WORKSPACE = _Workspace()
+
+
+def _map_moments(maps: torch.Tensor, centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head mean and H x H covariance of (B, H, P) maps, both float64; ``centred``
+    receives the centred maps."""
+    count = maps.shape[0] * maps.shape[2]
+    mean = maps.sum((0, 2), dtype=torch.float64) / count
+    torch.sub(maps, mean.to(maps.dtype).view(1, -1, 1), out=centred)
+    cov = torch.matmul(centred, centred.transpose(1, 2)).sum(0, dtype=torch.float64) / count
+    return mean, cov
 
 
 class _FusedTrainRefine(torch.autograd.Function):
@@ -282,12 +330,12 @@ class _FusedTrainRefine(torch.autograd.Function):
     The 3H-channel maps live channels-last (B, N, N, 3H) from creation on: the 1x1 convs are
     batched GEMMs over the heads that read and write the NCHW H-channel maps directly, and the
     depthwise conv needs no padded copy. The expand BatchNorm's statistics come from the
-    map's H x H channel covariance (float64; the expanded maps' mean is large against their
-    spread), so the expanded maps are normalised by the GEMM that creates them and never
-    exist unnormalised; its backward, too, needs only H x H and 3H x H products. The H-channel
-    BatchNorms run as ``torch.native_batch_norm`` on NCHW, exactly as the modules do.
-    Saved for backward: the map, the two activations, the depthwise output and two H-channel
-    maps, instead of the modules' seven tensors.
+    map's H x H channel covariance, so the expanded maps are normalised by the GEMM that
+    creates them and never exist unnormalised; its backward, too, needs only H x H and
+    3H x H products. The H-channel BatchNorms run as ``torch.native_batch_norm`` on NCHW,
+    exactly as the modules do. Saved for backward: the map, the depthwise output and two
+    H-channel maps (the modules save seven tensors); the two activations are recomputed in
+    backward, into the workspace.
     """
 
     @staticmethod
@@ -297,11 +345,7 @@ class _FusedTrainRefine(torch.autograd.Function):
         count = batch * pixels
         maps = attn.reshape(batch, heads, pixels)
         # expand + BN1: mean_e = W mean(A), var_e = diag(W Cov(A) W^T)
-        maps64 = maps.double()
-        mean_a = maps64.mean((0, 2))
-        centred64 = maps64 - mean_a.view(1, -1, 1)
-        cov = (centred64 @ centred64.transpose(1, 2)).sum(0) / count
-        del maps64, centred64
+        mean_a, cov = _map_moments(maps, _WORKSPACE.get("centred", maps.shape, attn))
         w1m = w1.view(hidden, heads).double()
         mean1 = w1m @ mean_a
         var1 = ((w1m @ cov) * w1m).sum(1).clamp_(min=0)
@@ -309,24 +353,22 @@ class _FusedTrainRefine(torch.autograd.Function):
         alpha1 = g1.double() * rstd1
         w1_folded = (w1m * alpha1.view(-1, 1)).to(attn.dtype)
         shift1 = (b1.double() - mean1 * alpha1).to(attn.dtype)
-        act1 = _expand_channels_last(attn, w1_folded, shift1).clamp_(0.0, 6.0)
+        act1 = _expand_channels_last(attn, w1_folded, shift1, _WORKSPACE).clamp_(0.0, 6.0)
         # depthwise conv + BN2 + ReLU6, channels-last. The statistics are row sums of the
         # (B*N*N, 3H) view, which PyTorch reduces much faster than var_mean over NCHW dims;
-        # the centred squares are written into act2's storage before act2 itself.
+        # the centred squares are written where act2 goes next.
         local = F.conv2d(act1, w2, padding=padding, groups=hidden)
         local_rows = _channel_rows(local)
-        act2_rows = torch.empty_like(local_rows)
+        act2_rows = _WORKSPACE.get("act2", local_rows.shape, local)
         mean2 = _channel_sums(local_rows) / count
         var2 = _channel_sums(torch.sub(local_rows, mean2, out=act2_rows).square_()) / count
         rstd2 = torch.rsqrt(var2.double() + bns[1].eps)
         alpha2 = g2.double() * rstd2
         shift2 = b2.double() - mean2.double() * alpha2
-        torch.addcmul(
-            shift2.to(local.dtype), local_rows, alpha2.to(local.dtype), out=act2_rows
-        ).clamp_(0.0, 6.0)
-        act2 = act2_rows.view(batch, rows, cols, hidden).permute(0, 3, 1, 2)
-        act2_rows = act2_rows.view(batch, pixels, hidden)
+        alpha2, shift2 = alpha2.to(local.dtype), shift2.to(local.dtype)
+        torch.addcmul(shift2, local_rows, alpha2, out=act2_rows).clamp_(0.0, 6.0)
         # reduce conv back to NCHW, BN3, residual, post BN, scale: as the modules compute them
+        act2_rows = act2_rows.view(batch, pixels, hidden)
         reduced = torch.matmul(w3.view(heads, hidden), act2_rows.transpose(1, 2))
         reduced = reduced.view(batch, heads, rows, cols)
         bn3, bn4 = bns[2], bns[3]
@@ -342,16 +384,18 @@ class _FusedTrainRefine(torch.autograd.Function):
         out.mul_(scale)
         _update_running_stats(bns[0], mean1, var1, count)
         _update_running_stats(bns[1], mean2.double(), var2.double(), count)
-        ctx.save_for_backward(attn, act1, local, act2, reduced, summed, w1, w2, w3, g2, g3, g4)
-        ctx.stats = (mean_a, rstd1, alpha1, mean2, rstd2, mean3, rstd3, mean4, rstd4)
+        ctx.save_for_backward(attn, local, reduced, summed, w1, w2, w3, g2, g3, g4)
+        ctx.stats = (mean_a, rstd1, alpha1, mean2, rstd2, mean3, rstd3, mean4, rstd4, cov)
+        ctx.folded = (w1_folded, shift1, alpha2, shift2)
         ctx.scale, ctx.padding, ctx.eps = scale, padding, [bn.eps for bn in bns]
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        attn, act1, local, act2, reduced, summed, w1, w2, w3, g2, g3, g4 = ctx.saved_tensors
+        attn, local, reduced, summed, w1, w2, w3, g2, g3, g4 = ctx.saved_tensors
+        w1_folded, shift1, alpha2, shift2 = ctx.folded
         dtype = attn.dtype
-        mean_a, rstd1, alpha1, mean2, rstd2, mean3, rstd3, mean4, rstd4 = (
+        mean_a, rstd1, alpha1, mean2, rstd2, mean3, rstd3, mean4, rstd4, cov = (
             t.to(dtype) for t in ctx.stats
         )
         batch, heads, rows, cols = attn.shape
@@ -367,13 +411,22 @@ class _FusedTrainRefine(torch.autograd.Function):
             g_summed, reduced, g3, None, None, mean3, rstd3, True, eps[2], [True, True, True]
         )
         g_reduced = g_reduced.reshape(batch, heads, pixels)
-        act2_rows = act2.permute(0, 2, 3, 1).reshape(batch, pixels, hidden)
-        g_w3 = torch.matmul(g_reduced, act2_rows).sum(0).view_as(w3)
-        g_act2 = torch.matmul(g_reduced.transpose(1, 2), w3.view(heads, hidden))
-        g_act2 = g_act2.view(batch, rows, cols, hidden).permute(0, 3, 1, 2)
-        torch.ops.aten.hardtanh_backward.grad_input(g_act2, act2, 0.0, 6.0, grad_input=g_act2)
-        g_local, g_g2, g_b2 = _channels_last_bn_backward(g_act2, local, g2, mean2, rstd2)
-        del g_act2
+        # reduce conv and BN2 + ReLU6, with act2 recomputed from the depthwise output
+        local_rows = _channel_rows(local)
+        act2_rows = _WORKSPACE.get("act2", local_rows.shape, local)
+        torch.addcmul(shift2, local_rows, alpha2, out=act2_rows).clamp_(0.0, 6.0)
+        g_w3 = torch.matmul(g_reduced, act2_rows.view(batch, pixels, hidden)).sum(0)
+        g_act2 = _WORKSPACE.get("grad", (batch, pixels, hidden), local)
+        torch.bmm(
+            g_reduced.transpose(1, 2), w3.view(1, heads, hidden).expand(batch, -1, -1), out=g_act2
+        )
+        g_act2 = g_act2.view(count, hidden)
+        torch.ops.aten.hardtanh_backward.grad_input(g_act2, act2_rows, 0.0, 6.0, grad_input=g_act2)
+        # act2 is spent: its storage takes the depthwise output's gradient
+        g_local, g_g2, g_b2 = _bn_backward_rows(g_act2, local_rows, g2, mean2, rstd2, act2_rows)
+        g_local = g_local.view(batch, rows, cols, hidden).permute(0, 3, 1, 2)
+        # depthwise conv and BN1 + ReLU6, with act1 recomputed from the map
+        act1 = _expand_channels_last(attn, w1_folded, shift1, _WORKSPACE).clamp_(0.0, 6.0)
         g_act1, g_w2, _ = torch.ops.aten.convolution_backward(
             g_local, act1, w2, None, [1, 1], ctx.padding, [1, 1], False, [0, 0], hidden,
             [True, True, False],
@@ -384,21 +437,21 @@ class _FusedTrainRefine(torch.autograd.Function):
         # centred map, xhat = rstd W Ac, so sum(g * xhat) = rstd * rowsum(W * (g Ac^T)) and
         # the gradients wrt A and W are small matrices applied to g and Ac.
         g_pre = g_act1.permute(0, 2, 3, 1).reshape(batch, pixels, hidden)
-        centred = attn.reshape(batch, heads, pixels) - mean_a.view(1, -1, 1)
+        centred = _WORKSPACE.get("centred", (batch, heads, pixels), attn)
+        torch.sub(attn.reshape(batch, heads, pixels), mean_a.view(1, -1, 1), out=centred)
         w1m = w1.view(hidden, heads)
         g_centred = torch.matmul(centred, g_pre).sum(0).t()  # (3H, H)
-        cov = (centred @ centred.transpose(1, 2)).sum(0)  # (H, H), times count
         g_b1 = _channel_sums(g_pre.view(-1, hidden))
         g_g1 = (w1m * g_centred).sum(1) * rstd1
         xhat_coef = alpha1 * g_g1 * rstd1 / count
-        g_w1 = alpha1.view(-1, 1) * g_centred - xhat_coef.view(-1, 1) * (w1m @ cov)
+        g_w1 = alpha1.view(-1, 1) * g_centred - xhat_coef.view(-1, 1) * (w1m @ cov * count)
         g_attn = torch.matmul((alpha1.view(-1, 1) * w1m).t(), g_pre.transpose(1, 2))
         g_attn.sub_(torch.matmul((w1m.t() * xhat_coef) @ w1m, centred))
         g_attn.sub_(((alpha1 * g_b1 / count) @ w1m).view(1, -1, 1))
         g_attn = g_attn.view_as(attn).add_(g_summed)
         return (
-            g_attn, None, None, None, g_w1.view_as(w1), g_g1, g_b1, g_w2, g_g2, g_b2, g_w3,
-            g_g3, g_b3, g_g4, g_b4,
+            g_attn, None, None, None, g_w1.view_as(w1), g_g1, g_b1, g_w2, g_g2, g_b2,
+            g_w3.view_as(w3), g_g3, g_b3, g_g4, g_b4,
         )  # fmt: skip
 
 
@@ -523,8 +576,10 @@ class RefinerAttention(nn.Module):
                     self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
                 ), None
             attn = torch.matmul(q, k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1)
-            if add_prev:
+            if add_prev and attn.requires_grad:  # softmax's backward needs its output
                 attn = torch.add(attn, prev_map, alpha=self.scale)
+            elif add_prev:
+                attn.add_(prev_map, alpha=self.scale)
             attn = self.attn_drop(attn)
             next_map = attn
             if self.block_type == "refine":
