@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from jsonargparse import auto_cli
 
 import refiner_pl  # noqa: F401  (registers the presets)
-from refiner_pl import cpu_allocator
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,8 +97,6 @@ class _Runner:
 
 def _peak_memory_child(name: str, cfg: dict[str, Any], mode: str, queue: Any) -> None:
     torch.set_num_threads(cfg["threads"])
-    if cfg["keep_freed_memory"]:
-        cpu_allocator.keep_freed_memory()
     runner = _Runner(name, cfg, torch.device("cpu"))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     (runner.train_step if mode == "train" else runner.infer_step)()
@@ -144,24 +141,16 @@ def throughput(
     train_steps: int = 2,
     infer_steps: int = 3,
     memory: bool = True,
-    keep_freed_memory: bool = True,
     out: str = "benchmark.json",
 ) -> dict[str, Any]:
-    """Training and inference img/s of ``model`` and ``baseline``, interleaved, and ratios.
-
-    ``keep_freed_memory`` (CPU) makes glibc reuse freed memory instead of faulting in fresh
-    pages for every large tensor (see ``refiner_pl.cpu_allocator``); both models run with it.
-    """
+    """Training and inference img/s of ``model`` and ``baseline``, interleaved, and ratios."""
     torch.set_num_threads(threads)
-    if keep_freed_memory and device == "cpu":
-        keep_freed_memory = cpu_allocator.keep_freed_memory()
     torch.manual_seed(0)
     dev = torch.device(device)
     cfg = dict(
         model=model, model_kwargs=model_kwargs or {}, checkpointing=checkpointing,
         img_size=img_size, batch_size=batch_size, precision=precision,
         channels_last=channels_last, compile=compile, threads=threads,
-        keep_freed_memory=keep_freed_memory and device == "cpu",
     )  # fmt: skip
     # Memory first: on Linux a child's peak-RSS counter starts from its parent's, so the
     # children must be started while this process is still small.
@@ -298,8 +287,7 @@ def _report(result: dict[str, Any], out: str) -> None:
     print(
         f"{cfg['device']} ({result['machine']['device_name']}), {cfg['precision']}, batch "
         f"{cfg['batch_size']}, {cfg['img_size']} px, channels_last={cfg['channels_last']}, "
-        f"compile={cfg['compile']}, threads={cfg['threads']}, "
-        f"keep_freed_memory={cfg['keep_freed_memory']}"
+        f"compile={cfg['compile']}, threads={cfg['threads']}"
     )
     print(f"{'model':<28}{'train img/s':>12}{'infer img/s':>12}{'train MB':>10}{'infer MB':>10}")
     # MB: on CUDA the allocator peak of a step; on CPU what one step adds to the resident peak

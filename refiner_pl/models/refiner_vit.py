@@ -318,7 +318,7 @@ def _map_moments(maps: torch.Tensor, centred: torch.Tensor) -> tuple[torch.Tenso
     """Per-head mean and H x H covariance of (B, H, P) maps, both float64; ``centred``
     receives the centred maps."""
     count = maps.shape[0] * maps.shape[2]
-    mean = maps.sum((0, 2), dtype=torch.float64) / count
+    mean = maps.sum((0, 2)).double() / count
     torch.sub(maps, mean.to(maps.dtype).view(1, -1, 1), out=centred)
     cov = torch.matmul(centred, centred.transpose(1, 2)).sum(0, dtype=torch.float64) / count
     return mean, cov

@@ -76,3 +76,22 @@ def test_fused_refiner_is_used_only_for_plain_training_batchnorm():
     assert not untracked._fusable(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not module._fusable(x)
+
+
+def test_two_forwards_before_one_backward_get_their_own_gradients():
+    """The fused refiner keeps temporaries in a shared workspace: nothing a first forward
+    saved for backward may be overwritten by a second one (of another size, so the
+    workspace also grows in between)."""
+    fused, modules = attention(), attention()
+    small_maps, large_maps = maps(), torch.rand(8, 2, 7, 7).softmax(-1)
+    grads = [torch.randn_like(small_maps), torch.randn_like(large_maps)]
+    inputs = {}
+    for name, refine in (("fused", fused.refine), ("modules", modules._refine_modules)):
+        xs = [small_maps.clone().requires_grad_(), large_maps.clone().requires_grad_()]
+        outs = [refine(x) for x in xs]
+        sum((out * grad).sum() for out, grad in zip(outs, grads, strict=True)).backward()
+        inputs[name] = xs
+    for x_fused, x_modules in zip(inputs["fused"], inputs["modules"], strict=True):
+        torch.testing.assert_close(x_fused.grad, x_modules.grad, atol=1e-4, rtol=1e-4)
+    for (name, a), b in zip(fused.named_parameters(), modules.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=name)

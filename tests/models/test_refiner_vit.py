@@ -14,6 +14,7 @@ from refiner_pl.models import (
     count_parameters,
     from_official_checkpoint,
 )
+from refiner_pl.models.refiner_vit import _chunk_size, _patchify_conv
 
 SPEC_PARAMS = {
     "refiner_vit_s": 25_408_656,
@@ -328,6 +329,35 @@ def test_folded_eval_refiner_equals_the_batchnorm_modules():
         folded = attn_module.refine(maps)
         modules = attn_module.adapt_bn(attn_module.refiner(maps)) * attn_module.scale
     torch.testing.assert_close(folded, modules, atol=1e-6, rtol=1e-5)
+
+
+def test_folded_eval_refiner_in_chunks_equals_the_batchnorm_modules():
+    """Maps whose expanded form exceeds the chunk budget are refined a few samples at a time."""
+    torch.manual_seed(0)
+    attn_module = small().blocks[1].attn.eval()
+    maps = torch.rand(3, 4, 300, 300).softmax(-1)  # 4.3 MB expanded per sample: 3 chunks
+    assert _chunk_size(maps, attn_module.refiner.expand.out_channels) == 1
+    with torch.no_grad():
+        folded = attn_module.refine(maps)
+        modules = attn_module.adapt_bn(attn_module.refiner(maps)) * attn_module.scale
+    torch.testing.assert_close(folded, modules, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [32, 36])
+def test_patch_projection_as_gemm_equals_the_convolution(size):
+    """The stride-k projection runs as one GEMM over cut-out patches; sizes it does not
+    divide fall back to the convolution."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 8, stride=8)
+    x = torch.randn(2, 8, size, size, requires_grad=True)
+    out = _patchify_conv(conv, x)
+    expected = conv(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(expected)
+    (g_x, g_w) = torch.autograd.grad(out, (x, conv.weight), grad)
+    (e_x, e_w) = torch.autograd.grad(expected, (x, conv.weight), grad)
+    torch.testing.assert_close(g_x, e_x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_w, e_w, atol=1e-4, rtol=1e-5)
 
 
 def test_channels_last_refiner_option_computes_the_same_function(release_fixture):
