@@ -5,8 +5,10 @@
 
 ``throughput`` alternates the model and the baseline round by round, so a busy machine slows
 both alike and the ratio stays meaningful; it reports median img/s for a training step
-(forward, backward, AdamW step) and for inference, and peak memory. ``lightning_overhead``
-times the quickstart's fit loop against a plain PyTorch loop over the same model and data.
+(forward, backward, AdamW step) and for inference, and peak memory. Each timed block starts
+with one untimed step, so both models are measured in the steady state of back-to-back
+steps. ``lightning_overhead`` times the quickstart's fit loop against a plain PyTorch loop
+over the same model and data.
 Both print a table and write JSON.
 """
 
@@ -85,8 +87,11 @@ class _Runner:
             self.model(self.x)
 
     def timed(self, mode: str, steps: int) -> float:
-        """Images per second over ``steps`` steps."""
+        """Images per second over ``steps`` steps, after one untimed step: the first step
+        after the other model ran refills the allocator's free lists (on CPU it faults in
+        hundreds of MB of fresh pages), which back-to-back steps of a real run never pay."""
         step = self.train_step if mode == "train" else self.infer_step
+        step()
         _sync(self.device)
         start = time.perf_counter()
         for _ in range(steps):

@@ -188,8 +188,11 @@ class AttentionRefiner(nn.Module):
         return out.view_as(attn)
 
 
-def _chunk_size(attn: torch.Tensor, hidden: int, budget_bytes: int = 8 * 2**20) -> int | None:
-    """How many samples' expanded (hidden-channel) maps fit in ``budget_bytes``; ``None``
+CHUNK_BYTES = 8 * 2**20  # per expanded map of an eval chunk: one or two samples at 224 px
+
+
+def _chunk_size(attn: torch.Tensor, hidden: int) -> int | None:
+    """How many samples' expanded (hidden-channel) maps fit in ``CHUNK_BYTES``; ``None``
     (the whole batch at once) while tracing or exporting, which must keep the batch size
     symbolic, and on GPUs, which want large kernels."""
     if (
@@ -200,7 +203,7 @@ def _chunk_size(attn: torch.Tensor, hidden: int, budget_bytes: int = 8 * 2**20) 
     ):
         return None
     per_sample = hidden * attn[0, 0].numel() * attn.element_size()
-    return max(1, min(attn.shape[0], budget_bytes // per_sample))
+    return max(1, min(attn.shape[0], CHUNK_BYTES // per_sample))
 
 
 def _expand_channels_last(

@@ -13,8 +13,9 @@ from refiner_pl.models import (
     RefinerViT,
     count_parameters,
     from_official_checkpoint,
+    refiner_vit,
 )
-from refiner_pl.models.refiner_vit import _chunk_size, _patchify_conv
+from refiner_pl.models.refiner_vit import _patchify_conv
 
 SPEC_PARAMS = {
     "refiner_vit_s": 25_408_656,
@@ -331,12 +332,13 @@ def test_folded_eval_refiner_equals_the_batchnorm_modules():
     torch.testing.assert_close(folded, modules, atol=1e-6, rtol=1e-5)
 
 
-def test_folded_eval_refiner_in_chunks_equals_the_batchnorm_modules():
+def test_folded_eval_refiner_in_chunks_equals_the_batchnorm_modules(monkeypatch):
     """Maps whose expanded form exceeds the chunk budget are refined a few samples at a time."""
     torch.manual_seed(0)
     attn_module = small().blocks[1].attn.eval()
-    maps = torch.rand(3, 4, 300, 300).softmax(-1)  # 4.3 MB expanded per sample: 3 chunks
-    assert _chunk_size(maps, attn_module.refiner.expand.out_channels) == 1
+    maps = torch.rand(3, 4, 20, 20).softmax(-1)
+    monkeypatch.setattr(refiner_vit, "CHUNK_BYTES", 12 * 20 * 20 * 4)  # one sample per chunk
+    assert refiner_vit._chunk_size(maps, attn_module.refiner.expand.out_channels) == 1
     with torch.no_grad():
         folded = attn_module.refine(maps)
         modules = attn_module.adapt_bn(attn_module.refiner(maps)) * attn_module.scale
