@@ -168,24 +168,35 @@ class AttentionRefiner(nn.Module):
         # post(R + A) = R * w + b + A * w, and R's conv absorbs w and b
         w3 = w3 * post_w.view(-1, 1, 1, 1)
         b3 = b3 * post_w + post_b
-        # out = A * w + b3 + W3 act2, the 1x1 reduce conv a GEMM accumulating into it. A few
-        # samples at a time: the 3H-channel maps of a chunk stay in cache and are allocated
-        # from the heap, where a whole batch's maps would be fresh pages every call.
+        # out = A * w + b3 + W3 act2, the 1x1 reduce conv a GEMM accumulating into it. On CPU
+        # a few samples at a time, so the 3H-channel maps of a chunk stay in cache.
         batch, heads = attn.shape[:2]
         maps = attn.reshape(batch, heads, -1)
-        out = torch.addcmul(b3.view(-1, 1), maps, post_w.view(-1, 1))
         chunk = _chunk_size(attn, w1.shape[0])
-        reduce = w3.view(1, heads, -1).expand(chunk or batch, -1, -1)
-        starts = range(0, batch, chunk) if chunk else [0]
-        for start in starts:
-            part = attn[start : start + chunk] if chunk else attn
-            act1 = _expand_channels_last(part, w1, b1).clamp_(0.0, 6.0)
-            local = F.conv2d(act1, w2, padding=self.local.padding, groups=self.local.groups)
-            act2 = _channel_rows(local).add_(b2).clamp_(0.0, 6.0)
-            act2 = act2.view(part.shape[0], -1, act2.shape[1]).transpose(1, 2)
-            target = out[start : start + chunk] if chunk else out
-            target.baddbmm_(reduce[: part.shape[0]], act2)
+        if chunk is None or torch.is_grad_enabled():
+            # tracing, exporting, compiling, on a GPU or differentiating: one batch-wide pass
+            out = torch.addcmul(b3.view(-1, 1), maps, post_w.view(-1, 1))
+            return out.baddbmm_(*self._folded_reduce_operands(attn, w1, b1, w2, b2, w3)).view_as(
+                attn
+            )
+        out = torch.empty_like(maps)
+        for start in range(0, batch, chunk):
+            part, target = attn[start : start + chunk], out[start : start + chunk]
+            torch.addcmul(
+                b3.view(-1, 1), maps[start : start + chunk], post_w.view(-1, 1), out=target
+            )
+            target.baddbmm_(*self._folded_reduce_operands(part, w1, b1, w2, b2, w3, _WORKSPACE))
         return out.view_as(attn)
+
+    def _folded_reduce_operands(
+        self, attn: torch.Tensor, w1, b1, w2, b2, w3, workspace: _Workspace | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W3, act2) for one batched GEMM: the folded expand, depthwise conv and ReLU6s."""
+        act1 = _expand_channels_last(attn, w1, b1, workspace).clamp_(0.0, 6.0)
+        local = F.conv2d(act1, w2, padding=self.local.padding, groups=self.local.groups)
+        act2 = _channel_rows(local).add_(b2).clamp_(0.0, 6.0)
+        act2 = act2.view(attn.shape[0], -1, act2.shape[1]).transpose(1, 2)
+        return w3.view(1, w3.shape[0], -1).expand(attn.shape[0], -1, -1), act2
 
 
 CHUNK_BYTES = 8 * 2**20  # per expanded map of an eval chunk: one or two samples at 224 px
@@ -303,11 +314,12 @@ class _Workspace(threading.local):
     """
 
     def __init__(self) -> None:
-        self.buffers: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self.buffers: dict[tuple[str, torch.device, torch.dtype, bool], torch.Tensor] = {}
 
     def get(self, name: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
         numel = math.prod(shape)
-        key = (name, like.device, like.dtype)
+        # tensors made under inference_mode cannot be written outside it: a set per mode
+        key = (name, like.device, like.dtype, torch.is_inference_mode_enabled())
         buffer = self.buffers.get(key)
         if buffer is None or buffer.numel() < numel:
             buffer = self.buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
@@ -578,7 +590,8 @@ class RefinerAttention(nn.Module):
                 return self.proj_drop(
                     self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
                 ), None
-            attn = torch.matmul(q, k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1)
+            # scaling q costs a twelfth of scaling the N x N map
+            attn = torch.matmul(q * self.scale, k.transpose(-2, -1)).softmax(dim=-1)
             if add_prev and attn.requires_grad:  # softmax's backward needs its output
                 attn = torch.add(attn, prev_map, alpha=self.scale)
             elif add_prev:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from refiner_pl.models.refiner_vit import RefinerAttention, _FusedTrainRefine
+from refiner_pl.models.refiner_vit import _WORKSPACE, RefinerAttention, _FusedTrainRefine
 
 
 def attention(dtype: torch.dtype = torch.float32, momentum: float | None = 0.1) -> RefinerAttention:
@@ -95,3 +95,16 @@ def test_two_forwards_before_one_backward_get_their_own_gradients():
         torch.testing.assert_close(x_fused.grad, x_modules.grad, atol=1e-4, rtol=1e-4)
     for (name, a), b in zip(fused.named_parameters(), modules.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_training_after_inference_mode_evaluation():
+    """Workspace tensors made under inference_mode cannot be written outside it: validation
+    under inference_mode followed by a training step must still work."""
+    module = attention().eval()
+    _WORKSPACE.buffers.clear()  # so that inference_mode makes the first workspace tensors
+    with torch.inference_mode():
+        module.refine(maps())
+    module.train()
+    x = maps().requires_grad_()
+    module.refine(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
