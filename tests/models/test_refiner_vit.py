@@ -345,13 +345,14 @@ def test_folded_eval_refiner_in_chunks_equals_the_batchnorm_modules(monkeypatch)
     torch.testing.assert_close(folded, modules, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("size", [32, 36])
-def test_patch_projection_as_gemm_equals_the_convolution(size):
-    """The stride-k projection runs as one GEMM over cut-out patches; sizes it does not
-    divide fall back to the convolution."""
+def test_patch_projection_as_gemm_equals_the_convolution(size, memory_format):
+    """The stride-k projection runs as one GEMM over cut-out patches (NCHW or channels-last);
+    sizes it does not divide fall back to the convolution."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(8, 16, 8, stride=8)
-    x = torch.randn(2, 8, size, size, requires_grad=True)
+    x = torch.randn(2, 8, size, size).contiguous(memory_format=memory_format).requires_grad_()
     out = _patchify_conv(conv, x)
     expected = conv(x)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
