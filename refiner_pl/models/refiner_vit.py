@@ -669,10 +669,18 @@ class RefinerBlock(nn.Module):
         need_map: bool = True,
         maps_out: list[AttentionMaps] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, next_map = self.attn(self.norm1(x * RESIDUAL_SCALE), prev_map, need_map, maps_out)
-        x = x + self.drop_path1(y) / RESIDUAL_SCALE
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x * RESIDUAL_SCALE)))) / RESIDUAL_SCALE
-        return x, next_map
+        y, next_map = self.attn(_scaled_layer_norm(self.norm1, x), prev_map, need_map, maps_out)
+        x = torch.add(x, self.drop_path1(y), alpha=1 / RESIDUAL_SCALE)
+        y = self.drop_path2(self.ls2(self.mlp(_scaled_layer_norm(self.norm2, x))))
+        return torch.add(x, y, alpha=1 / RESIDUAL_SCALE), next_map
+
+
+def _scaled_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x * RESIDUAL_SCALE)`` without the scaled copy: LayerNorm(c x, eps) equals
+    LayerNorm(x, eps / c^2)."""
+    return F.layer_norm(
+        x, norm.normalized_shape, norm.weight, norm.bias, norm.eps / RESIDUAL_SCALE**2
+    )
 
 
 def _freeze_batchnorm_stats(module: nn.Module) -> list[tuple[nn.modules.batchnorm._BatchNorm, Any]]:
