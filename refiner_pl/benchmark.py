@@ -4,11 +4,11 @@
     python -m refiner_pl.benchmark lightning_overhead
 
 ``throughput`` alternates the model and the baseline round by round, so a busy machine slows
-both alike and the ratio stays meaningful; it reports median img/s for a training step
-(forward, backward, AdamW step) and for inference, and peak memory. Each timed block starts
-with one untimed step, so both models are measured in the steady state of back-to-back
-steps. ``lightning_overhead`` times the quickstart's fit loop against a plain PyTorch loop
-over the same model and data.
+both alike and the ratio stays meaningful. It reports img/s of a training step (forward,
+backward, AdamW step) and of inference, each the median over single timed steps, and peak
+memory. Each timed block starts with one untimed step, so both models are measured in the
+steady state of back-to-back steps. ``lightning_overhead`` times the quickstart's fit loop
+against a plain PyTorch loop over the same model and data.
 Both print a table and write JSON.
 """
 
@@ -86,18 +86,20 @@ class _Runner:
         with _autocast(self.device, self.cfg["precision"]):
             self.model(self.x)
 
-    def timed(self, mode: str, steps: int) -> float:
-        """Images per second over ``steps`` steps, after one untimed step: the first step
-        after the other model ran refills the allocator's free lists (on CPU it faults in
-        hundreds of MB of fresh pages), which back-to-back steps of a real run never pay."""
+    def timed(self, mode: str, steps: int) -> list[float]:
+        """Images per second of each of ``steps`` steps, after one untimed step: the first
+        step after the other model ran refills the allocator's free lists (on CPU it faults
+        in hundreds of MB of fresh pages), which back-to-back steps of a real run never pay."""
         step = self.train_step if mode == "train" else self.infer_step
         step()
-        _sync(self.device)
-        start = time.perf_counter()
+        rates = []
         for _ in range(steps):
+            _sync(self.device)
+            start = time.perf_counter()
             step()
-        _sync(self.device)
-        return steps * self.cfg["batch_size"] / (time.perf_counter() - start)
+            _sync(self.device)
+            rates.append(self.cfg["batch_size"] / (time.perf_counter() - start))
+        return rates
 
 
 def _peak_memory_child(name: str, cfg: dict[str, Any], mode: str, queue: Any) -> None:
@@ -143,7 +145,7 @@ def throughput(
     device: str = "cpu",
     threads: int = 2,
     rounds: int = 3,
-    train_steps: int = 2,
+    train_steps: int = 3,
     infer_steps: int = 3,
     memory: bool = True,
     out: str = "benchmark.json",
@@ -173,8 +175,8 @@ def throughput(
     samples: dict[str, dict[str, list[float]]] = {n: {"train": [], "infer": []} for n in runners}
     for _ in range(rounds):
         for name, runner in runners.items():
-            samples[name]["train"].append(runner.timed("train", train_steps))
-            samples[name]["infer"].append(runner.timed("infer", infer_steps))
+            samples[name]["train"] += runner.timed("train", train_steps)
+            samples[name]["infer"] += runner.timed("infer", infer_steps)
     del runners
     result: dict[str, Any] = {
         "config": {
