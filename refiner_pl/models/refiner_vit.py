@@ -472,10 +472,14 @@ class _FusedTrainRefine(torch.autograd.Function):
         g_g1 = (w1m * g_centred).sum(1) * rstd1
         xhat_coef = alpha1 * g_g1 * rstd1 / count
         g_w1 = alpha1.view(-1, 1) * g_centred - xhat_coef.view(-1, 1) * (w1m @ cov * count)
-        g_attn = torch.matmul((alpha1.view(-1, 1) * w1m).t(), g_pre.transpose(1, 2))
-        g_attn.sub_(torch.matmul((w1m.t() * xhat_coef) @ w1m, centred))
-        g_attn.sub_(((alpha1 * g_b1 / count) @ w1m).view(1, -1, 1))
-        g_attn = g_attn.view_as(attn).add_(g_summed)
+        # g_attn = (alpha W)^T g - (W^T diag(c) W) Ac - const + g_summed, accumulated in place
+        g_attn = torch.sub(
+            g_summed.view(batch, heads, pixels),
+            ((alpha1 * g_b1 / count) @ w1m).view(1, -1, 1),
+        )
+        g_attn.baddbmm_((alpha1.view(-1, 1) * w1m).t().expand(batch, -1, -1), g_pre.transpose(1, 2))
+        g_attn.baddbmm_(((w1m.t() * xhat_coef) @ w1m).expand(batch, -1, -1), centred, alpha=-1)
+        g_attn = g_attn.view_as(attn)
         return (
             g_attn, None, None, None, g_w1.view_as(w1), g_g1, g_b1, g_w2, g_g2, g_b2,
             g_w3.view_as(w3), g_g3, g_b3, g_g4, g_b4,
