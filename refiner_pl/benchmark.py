@@ -14,6 +14,7 @@ Both print a table and write JSON.
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import platform
@@ -102,12 +103,24 @@ class _Runner:
         return rates
 
 
+def _peak_rss_kb() -> int:
+    """This process's resident-set peak in kB. Linux's VmHWM starts afresh with each
+    program; ``ru_maxrss`` (the fallback elsewhere) carries over the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _peak_memory_child(name: str, cfg: dict[str, Any], mode: str, queue: Any) -> None:
     torch.set_num_threads(cfg["threads"])
     runner = _Runner(name, cfg, torch.device("cpu"))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _peak_rss_kb()
     (runner.train_step if mode == "train" else runner.infer_step)()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = _peak_rss_kb()
     queue.put((after, after - before))
 
 
@@ -159,8 +172,7 @@ def throughput(
         img_size=img_size, batch_size=batch_size, precision=precision,
         channels_last=channels_last, compile=compile, threads=threads,
     )  # fmt: skip
-    # Memory first: on Linux a child's peak-RSS counter starts from its parent's, so the
-    # children must be started while this process is still small.
+    # Memory first, each in a fresh process, before this one runs anything.
     peaks = {
         name: {
             f"{mode}_peak_mb": _peak_memory_mb(name, cfg, mode, dev) for mode in ("train", "infer")
@@ -211,13 +223,20 @@ def throughput(
 
 
 def lightning_overhead(
-    epochs: int = 3, threads: int = 2, out: str = "lightning_overhead.json"
+    epochs: int = 3,
+    rounds: int = 3,
+    limit_batches: int | None = None,
+    threads: int = 2,
+    out: str = "lightning_overhead.json",
 ) -> dict[str, Any]:
     """Seconds per training step of Lightning's fit loop vs a plain loop, on the quickstart.
 
     Both run the same ImageClassifier (model, optimizer, schedule) on the same DataLoader;
-    validation, checkpointing, logging and the progress bar are off in both, and the first
-    epoch of each is a warm-up that is not timed.
+    validation, checkpointing, logging and the progress bar are off in both. Each round runs
+    a fresh Lightning fit and then a fresh plain loop of ``epochs`` epochs, the first epoch of
+    each a warm-up that is not timed; the medians over all timed epochs are compared, so a
+    machine that speeds up or slows down affects both alike. ``limit_batches`` shortens the
+    epochs of both (a smoke run).
     """
     import lightning as L
 
@@ -244,34 +263,46 @@ def lightning_overhead(
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             self.times.append(time.perf_counter() - self.start)
 
-    module, data = make()
-    timer = _EpochTimer()
-    trainer = L.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, callbacks=[timer],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0,
-    )  # fmt: skip
-    trainer.fit(module, datamodule=data)
-    steps_per_epoch = trainer.num_training_batches
-    lightning_s = statistics.median(timer.times[1:]) / steps_per_epoch
+    def lightning_epochs() -> tuple[list[float], int]:
+        module, data = make()
+        timer = _EpochTimer()
+        trainer = L.Trainer(
+            max_epochs=epochs, accelerator="cpu", devices=1, logger=False, callbacks=[timer],
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0, num_sanity_val_steps=0, limit_train_batches=limit_batches,
+        )  # fmt: skip
+        trainer.fit(module, datamodule=data)
+        steps = trainer.num_training_batches
+        return [t / steps for t in timer.times[1:]], steps
 
-    module, data = make()
-    data.setup("fit")
-    loader = data.train_dataloader()
-    optimizer = create_plain_optimizer(module)
-    plain_times = []
-    module.train()
-    for _ in range(epochs):
-        start = time.perf_counter()
-        for x, y in loader:
-            loss = module.train_criterion(module(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        plain_times.append(time.perf_counter() - start)
-    plain_s = statistics.median(plain_times[1:]) / len(loader)
+    def plain_epochs() -> list[float]:
+        module, data = make()
+        data.setup("fit")
+        loader = data.train_dataloader()
+        optimizer = create_plain_optimizer(module)
+        steps = min(len(loader), limit_batches or len(loader))
+        times = []
+        module.train()
+        for _ in range(epochs):
+            start = time.perf_counter()
+            for x, y in itertools.islice(loader, steps):
+                loss = module.train_criterion(module(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            times.append((time.perf_counter() - start) / steps)
+        return times[1:]
+
+    lightning_times: list[float] = []
+    plain_times: list[float] = []
+    for _ in range(rounds):
+        times, steps_per_epoch = lightning_epochs()
+        lightning_times += times
+        plain_times += plain_epochs()
+    lightning_s, plain_s = statistics.median(lightning_times), statistics.median(plain_times)
     result = {
         "steps_per_epoch": steps_per_epoch,
+        "timed_epochs": len(lightning_times),
         "lightning_s_per_step": lightning_s,
         "plain_s_per_step": plain_s,
         "overhead": lightning_s / plain_s - 1,
