@@ -188,9 +188,9 @@ class AttentionRefiner(nn.Module):
         if chunk is None or torch.is_grad_enabled():
             # tracing, exporting, compiling, on a GPU or differentiating: one batch-wide pass
             out = torch.addcmul(b3.view(-1, 1), maps, post_w.view(-1, 1))
-            return out.baddbmm_(*self._folded_reduce_operands(attn, w1, b1, w2, b2, w3)).view_as(
-                attn
-            )
+            # out of place: under autocast the GEMM's dtype may differ from out's
+            operands = self._folded_reduce_operands(attn, w1, b1, w2, b2, w3)
+            return torch.baddbmm(out, *operands).view_as(attn)
         out = torch.empty_like(maps)
         for start in range(0, batch, chunk):
             part, target = attn[start : start + chunk], out[start : start + chunk]
@@ -217,9 +217,11 @@ CHUNK_BYTES = 8 * 2**20  # per expanded map of an eval chunk: one or two samples
 def _chunk_size(attn: torch.Tensor, hidden: int) -> int | None:
     """How many samples' expanded (hidden-channel) maps fit in ``CHUNK_BYTES``; ``None``
     (the whole batch at once) while tracing or exporting, which must keep the batch size
-    symbolic, and on GPUs, which want large kernels."""
+    symbolic, under autocast, whose dtypes the chunks' output buffers cannot follow, and on
+    GPUs, which want large kernels."""
     if (
         attn.device.type != "cpu"
+        or torch.is_autocast_enabled(attn.device.type)  # out= buffers need fixed dtypes
         or torch.jit.is_tracing()
         or torch.compiler.is_compiling()
         or torch.onnx.is_in_onnx_export()

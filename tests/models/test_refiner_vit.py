@@ -345,6 +345,17 @@ def test_folded_eval_refiner_in_chunks_equals_the_batchnorm_modules(monkeypatch)
     torch.testing.assert_close(folded, modules, atol=1e-6, rtol=1e-5)
 
 
+def test_folded_eval_refiner_runs_under_cpu_autocast():
+    torch.manual_seed(0)
+    attn_module = small().blocks[1].attn.eval()
+    maps = torch.rand(2, 4, 17, 17).softmax(-1)
+    with torch.no_grad():
+        expected = attn_module.refine(maps)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn_module.refine(maps)
+    torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("size", [32, 36])
 def test_patch_projection_as_gemm_equals_the_convolution(size, memory_format):
