@@ -94,12 +94,21 @@ class ConvStem(nn.Module):
             # channels-last BatchNorm statistics differ from the release's by ~1e-5 there.
             x = x.contiguous(memory_format=torch.channels_last)
         for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
-            if bn.training or not bn.track_running_stats:
+            if bn.training or not _whole_batchnorm(bn):
                 x = self.act(bn(conv(x)))
             else:  # running statistics: fold the BatchNorm into the convolution
                 weight, bias = _fold_bn(conv.weight, bn)
                 x = F.conv2d(x, weight, bias, conv.stride, conv.padding).relu_()
         return _patchify_conv(self.proj, x)
+
+
+def _whole_batchnorm(bn: nn.Module) -> bool:
+    """Whether ``bn`` holds all of its tensors here (FSDP leaves a shard of 0 elements outside
+    its unit's forward), with running statistics: only then may it be folded."""
+    return bn.track_running_stats and all(
+        t is None or t.numel() == bn.num_features
+        for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    )
 
 
 def _patchify_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
