@@ -352,14 +352,35 @@ class _Workspace(threading.local):
 _WORKSPACE = _Workspace()
 
 
-def _map_moments(maps: torch.Tensor, centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head mean and H x H covariance of (B, H, P) maps, both float64; ``centred``
-    receives the centred maps."""
+def _centred_with_ones(maps: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """(B, H + 1, P): the (B, H, P) maps minus their per-head ``mean``, and a row of ones, in
+    the workspace. A GEMM with it applies a weight and adds a bias in one pass."""
+    batch, heads, pixels = maps.shape
+    augmented = _WORKSPACE.get("centred", (batch, heads + 1, pixels), maps)
+    torch.sub(maps, mean.to(maps.dtype).view(1, -1, 1), out=augmented[:, :heads])
+    augmented[:, heads].fill_(1.0)
+    return augmented
+
+
+def _map_moments(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head mean and H x H covariance of (B, H, P) maps, both float64, and the maps
+    centred with a row of ones (``_centred_with_ones``)."""
     count = maps.shape[0] * maps.shape[2]
     mean = maps.sum((0, 2)).double() / count
-    torch.sub(maps, mean.to(maps.dtype).view(1, -1, 1), out=centred)
+    augmented = _centred_with_ones(maps, mean)
+    centred = augmented[:, : maps.shape[1]]
     cov = torch.matmul(centred, centred.transpose(1, 2)).sum(0, dtype=torch.float64) / count
-    return mean, cov
+    return mean, cov, augmented
+
+
+def _expand_relu6(augmented: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    """ReLU6(weight @ centred + bias) of ``_centred_with_ones`` maps, written channels-last
+    (B*P, 3H) into the workspace: the bias rides in the GEMM as the ones row's weight."""
+    batch, _, pixels = augmented.shape
+    weight = torch.cat([weight, bias.view(-1, 1)], 1).to(augmented.dtype)
+    act1 = _WORKSPACE.get("act1", (batch, pixels, weight.shape[0]), augmented)
+    torch.bmm(augmented.transpose(1, 2), weight.t().expand(batch, -1, -1), out=act1)
+    return act1.clamp_(0.0, 6.0)
 
 
 class _FusedTrainRefine(torch.autograd.Function):
@@ -369,7 +390,8 @@ class _FusedTrainRefine(torch.autograd.Function):
     batched GEMMs over the heads that read and write the NCHW H-channel maps directly, and the
     depthwise conv needs no padded copy. The expand BatchNorm's statistics come from the
     map's H x H channel covariance, so the expanded maps are normalised by the GEMM that
-    creates them and never exist unnormalised; its backward, too, needs only H x H and
+    creates them and never exist unnormalised (the GEMM reads the centred maps with a row
+    of ones, so BN1's shift rides in it too); its backward, too, needs only H x H and
     3H x H products. The H-channel BatchNorms run as ``torch.native_batch_norm`` on NCHW,
     exactly as the modules do. Saved for backward: the map, the depthwise output and two
     H-channel maps (the modules save seven tensors); the two activations are recomputed in
@@ -383,15 +405,16 @@ class _FusedTrainRefine(torch.autograd.Function):
         count = batch * pixels
         maps = attn.reshape(batch, heads, pixels)
         # expand + BN1: mean_e = W mean(A), var_e = diag(W Cov(A) W^T)
-        mean_a, cov = _map_moments(maps, _WORKSPACE.get("centred", maps.shape, attn))
+        mean_a, cov, centred = _map_moments(maps)
         w1m = w1.view(hidden, heads).double()
         mean1 = w1m @ mean_a
         var1 = ((w1m @ cov) * w1m).sum(1).clamp_(min=0)
         rstd1 = torch.rsqrt(var1 + bns[0].eps)
         alpha1 = g1.double() * rstd1
+        # on the centred maps BN1 is W1 * alpha1 and the bias b1
         w1_folded = (w1m * alpha1.view(-1, 1)).to(attn.dtype)
-        shift1 = (b1.double() - mean1 * alpha1).to(attn.dtype)
-        act1 = _expand_channels_last(attn, w1_folded, shift1, _WORKSPACE).clamp_(0.0, 6.0)
+        act1 = _expand_relu6(centred, w1_folded, b1)
+        act1 = act1.view(batch, rows, cols, hidden).permute(0, 3, 1, 2)
         # depthwise conv + BN2 + ReLU6, channels-last. The statistics are row sums of the
         # (B*N*N, 3H) view, which PyTorch reduces much faster than var_mean over NCHW dims;
         # the centred squares are written where act2 goes next.
@@ -424,14 +447,14 @@ class _FusedTrainRefine(torch.autograd.Function):
         _update_running_stats(bns[1], mean2.double(), var2.double(), count)
         ctx.save_for_backward(attn, local, reduced, summed, w1, w2, w3, g2, g3, g4)
         ctx.stats = (mean_a, rstd1, alpha1, mean2, rstd2, mean3, rstd3, mean4, rstd4, cov)
-        ctx.folded = (w1_folded, shift1, alpha2, shift2)
+        ctx.folded = (w1_folded, b1.detach().clone(), alpha2, shift2)
         ctx.scale, ctx.padding, ctx.eps = scale, padding, [bn.eps for bn in bns]
         return out
 
     @staticmethod
     def backward(ctx, grad):
         attn, local, reduced, summed, w1, w2, w3, g2, g3, g4 = ctx.saved_tensors
-        w1_folded, shift1, alpha2, shift2 = ctx.folded
+        w1_folded, b1, alpha2, shift2 = ctx.folded
         dtype = attn.dtype
         mean_a, rstd1, alpha1, mean2, rstd2, mean3, rstd3, mean4, rstd4, cov = (
             t.to(dtype) for t in ctx.stats
@@ -464,7 +487,9 @@ class _FusedTrainRefine(torch.autograd.Function):
         g_local, g_g2, g_b2 = _bn_backward_rows(g_act2, local_rows, g2, mean2, rstd2, act2_rows)
         g_local = g_local.view(batch, rows, cols, hidden).permute(0, 3, 1, 2)
         # depthwise conv and BN1 + ReLU6, with act1 recomputed from the map
-        act1 = _expand_channels_last(attn, w1_folded, shift1, _WORKSPACE).clamp_(0.0, 6.0)
+        augmented = _centred_with_ones(attn.reshape(batch, heads, pixels), ctx.stats[0])
+        act1 = _expand_relu6(augmented, w1_folded, b1)
+        act1 = act1.view(batch, rows, cols, hidden).permute(0, 3, 1, 2)
         g_act1, g_w2, _ = torch.ops.aten.convolution_backward(
             g_local, act1, w2, None, [1, 1], ctx.padding, [1, 1], False, [0, 0], hidden,
             [True, True, False],
@@ -475,8 +500,7 @@ class _FusedTrainRefine(torch.autograd.Function):
         # centred map, xhat = rstd W Ac, so sum(g * xhat) = rstd * rowsum(W * (g Ac^T)) and
         # the gradients wrt A and W are small matrices applied to g and Ac.
         g_pre = g_act1.permute(0, 2, 3, 1).reshape(batch, pixels, hidden)
-        centred = _WORKSPACE.get("centred", (batch, heads, pixels), attn)
-        torch.sub(attn.reshape(batch, heads, pixels), mean_a.view(1, -1, 1), out=centred)
+        centred = augmented[:, :heads]
         w1m = w1.view(hidden, heads)
         g_centred = torch.matmul(centred, g_pre).sum(0).t()  # (3H, H)
         g_b1 = _channel_sums(g_pre.view(-1, hidden))
