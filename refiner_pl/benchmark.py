@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from jsonargparse import auto_cli
 
 import refiner_pl  # noqa: F401  (registers the presets)
+from refiner_pl.callbacks.cpu_memory import keep_freed_memory as _keep_freed_memory
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -117,6 +118,8 @@ def _peak_rss_kb() -> int:
 
 def _peak_memory_child(name: str, cfg: dict[str, Any], mode: str, queue: Any) -> None:
     torch.set_num_threads(cfg["threads"])
+    if cfg["keep_freed_memory"]:
+        _keep_freed_memory()
     runner = _Runner(name, cfg, torch.device("cpu"))
     before = _peak_rss_kb()
     (runner.train_step if mode == "train" else runner.infer_step)()
@@ -161,16 +164,24 @@ def throughput(
     train_steps: int = 3,
     infer_steps: int = 3,
     memory: bool = True,
+    keep_freed_memory: bool = True,
     out: str = "benchmark.json",
 ) -> dict[str, Any]:
-    """Training and inference img/s of ``model`` and ``baseline``, interleaved, and ratios."""
+    """Training and inference img/s of ``model`` and ``baseline``, interleaved, and ratios.
+
+    ``keep_freed_memory`` (CPU, glibc): both models run with glibc's malloc keeping freed
+    memory for reuse, as ``python cli.py fit`` does on CPU (`KeepFreedMemory`); ``false``
+    measures the C library's defaults.
+    """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dev = torch.device(device)
+    keep_freed_memory = keep_freed_memory and dev.type == "cpu"
     cfg = dict(
         model=model, model_kwargs=model_kwargs or {}, checkpointing=checkpointing,
         img_size=img_size, batch_size=batch_size, precision=precision,
         channels_last=channels_last, compile=compile, threads=threads,
+        keep_freed_memory=keep_freed_memory,
     )  # fmt: skip
     # Memory first, each in a fresh process, before this one runs anything.
     peaks = {
@@ -180,6 +191,8 @@ def throughput(
         for name in (model, baseline)
         if memory
     }
+    if keep_freed_memory:
+        cfg["keep_freed_memory"] = _keep_freed_memory()  # false where malloc is not glibc's
     runners = {name: _Runner(name, cfg, dev) for name in (model, baseline)}
     for runner in runners.values():  # warm-up (and compilation)
         runner.train_step()
@@ -325,7 +338,8 @@ def _report(result: dict[str, Any], out: str) -> None:
     print(
         f"{cfg['device']} ({result['machine']['device_name']}), {cfg['precision']}, batch "
         f"{cfg['batch_size']}, {cfg['img_size']} px, channels_last={cfg['channels_last']}, "
-        f"compile={cfg['compile']}, threads={cfg['threads']}"
+        f"compile={cfg['compile']}, threads={cfg['threads']}, "
+        f"keep_freed_memory={cfg['keep_freed_memory']}"
     )
     print(f"{'model':<28}{'train img/s':>12}{'infer img/s':>12}{'train MB':>10}{'infer MB':>10}")
     # MB: on CUDA the allocator peak of a step; on CPU what one step adds to the resident peak

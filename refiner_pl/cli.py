@@ -11,6 +11,8 @@ Beyond stock LightningCLI it
   (`refiner_pl.checkpoint_io`);
 * adds a ``nonfinite_loss`` section: a NaN/inf training loss stops the run with one
   ``error:`` line before the step is taken, or skips the step (`NonFiniteLoss`);
+* adds a ``cpu_memory`` section: on a CPU run glibc's malloc keeps freed memory for reuse
+  instead of faulting in fresh pages for every large tensor (`KeepFreedMemory`);
 * adds an optional ``ema`` section, the `refiner_pl.callbacks.EMA` weight average (null, the
   default, disables it); ``validate``/``test``/``predict`` with ``--ckpt_path`` score the
   checkpoint's EMA weights while ``ema.validate_ema`` is true and the raw weights with
@@ -51,6 +53,7 @@ from refiner_pl.callbacks import (
     EMA,
     AttentionMonitor,
     EvaluationResults,
+    KeepFreedMemory,
     NonFiniteLoss,
     PredictionWriter,
     has_ema_weights,
@@ -140,6 +143,8 @@ class RefinerCLI(LightningCLI):
         # A NaN/inf training loss stops the run (`--nonfinite_loss.action skip` skips the step).
         parser.add_lightning_class_args(NonFiniteLoss, "nonfinite_loss")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        # CPU runs keep freed memory for reuse (`--cpu_memory.enabled false` leaves malloc be)
+        parser.add_lightning_class_args(KeepFreedMemory, "cpu_memory")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         # Optional, so not one of the parser's `callback_keys` (those must not be null):
         # instantiate_trainer adds it. `--ema.decay 0.99996` alone enables it (class_path
