@@ -373,7 +373,9 @@ def _map_moments(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return mean, cov, augmented
 
 
-def _expand_relu6(augmented: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+def _expand_relu6(
+    augmented: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
     """ReLU6(weight @ centred + bias) of ``_centred_with_ones`` maps, written channels-last
     (B*P, 3H) into the workspace: the bias rides in the GEMM as the ones row's weight."""
     batch, _, pixels = augmented.shape
@@ -487,7 +489,7 @@ class _FusedTrainRefine(torch.autograd.Function):
         g_local, g_g2, g_b2 = _bn_backward_rows(g_act2, local_rows, g2, mean2, rstd2, act2_rows)
         g_local = g_local.view(batch, rows, cols, hidden).permute(0, 3, 1, 2)
         # depthwise conv and BN1 + ReLU6, with act1 recomputed from the map
-        augmented = _centred_with_ones(attn.reshape(batch, heads, pixels), ctx.stats[0])
+        augmented = _centred_with_ones(attn.reshape(batch, heads, pixels), mean_a)
         act1 = _expand_relu6(augmented, w1_folded, b1)
         act1 = act1.view(batch, rows, cols, hidden).permute(0, 3, 1, 2)
         g_act1, g_w2, _ = torch.ops.aten.convolution_backward(
