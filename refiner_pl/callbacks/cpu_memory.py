@@ -43,10 +43,10 @@ def keep_freed_memory() -> bool:
         return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+    except (OSError, AttributeError):  # a C library without mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # glibc returns 1 on success
+    # glibc returns 1 on success; stubs elsewhere (musl's) return 0 and change nothing
     _applied = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM) == 1
     return _applied
 
