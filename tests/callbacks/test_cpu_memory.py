@@ -1,6 +1,6 @@
 """KeepFreedMemory: a CPU run reuses freed memory instead of faulting in fresh pages.
 
-The switch is process-wide and cannot be undone, so each check runs in its own interpreter.
+The switch is process-wide and cannot be undone, so the check runs in its own interpreter.
 """
 
 import subprocess
