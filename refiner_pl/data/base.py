@@ -11,13 +11,14 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from refiner_pl.data.predict import ImageFiles, check_predict_dir, collate_predict_items
 from refiner_pl.data.resume import ResumableDataLoader, ResumableSampler, SeededSamples
@@ -48,6 +49,36 @@ def check_triplet(name: str, value: Sequence[float], positive: bool = False) -> 
     if positive and min(values) <= 0:
         raise UserInputError(f"{name} {list(values)} has a value <= 0: every entry must be > 0")
     return values
+
+
+def stratified_subset(dataset: Dataset, fraction: float, seed: int) -> Subset:
+    """`fraction` of every class of `dataset` (at least one image each), drawn with `seed`.
+
+    Per class rather than sklearn's stratified splits, which fail when the part left out has
+    fewer images than there are classes (e.g. a fraction of 0.99).
+    """
+    labels = np.asarray(dataset_targets(dataset))
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = max(1, round(fraction * len(members)))
+        keep.append(rng.choice(members, size=count, replace=False))
+    return Subset(dataset, np.sort(np.concatenate(keep)).tolist())
+
+
+def dataset_targets(dataset: Dataset) -> Sequence[int]:
+    """The class index of every item, from ``targets`` (torchvision, digits) or a wrapped
+    dataset's."""
+    while getattr(dataset, "targets", None) is None and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        raise UserInputError(
+            f"data.train_fraction needs the class of every train image, but "
+            f"{type(dataset).__name__} has no `targets`: use train_fraction 1 with this dataset"
+        )
+    return targets
 
 
 class RepeatAugDistributedSampler(RepeatAugSampler, DistributedSampler):
@@ -113,6 +144,9 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         predict_dir: Folder of unlabelled images for ``predict`` (any size, any mode and
             format PIL reads; files it cannot decode are skipped and reported). None:
             ``predict`` runs on the val split.
+        train_fraction: Train on this fraction of the train split, the same share of every
+            class (at least one image each), drawn from the run's seed; val/test stay whole.
+            1 uses all of it.
     """
 
     default_mean: ClassVar[tuple[float, float, float]] = IMAGENET_DEFAULT_MEAN
@@ -133,6 +167,7 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         interpolation: str = "bicubic",
         repeated_aug: int = 0,
         predict_dir: str | None = None,
+        train_fraction: float = 1.0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -154,6 +189,12 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
                 f"repeated_aug is {repeated_aug}: give the number of augmented copies of each "
                 "image per epoch (e.g. 3), or 0 to disable it"
             )
+        if not 0 < train_fraction <= 1:
+            raise UserInputError(
+                f"train_fraction is {train_fraction}: use a value in (0, 1], e.g. 0.25 for a "
+                "quarter of every class (1 trains on the whole split)"
+            )
+        self.train_fraction = train_fraction
         self.repeated_aug = repeated_aug
         self.predict_dir = None if predict_dir is None else check_predict_dir(predict_dir)
         self.data_dir = data_dir
@@ -216,7 +257,10 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
 
     def _ensure_split(self, split: Split) -> None:
         if split not in self._built:
-            setattr(self, f"{split}_set", self._build_split(split))
+            dataset = self._build_split(split)
+            if split == "train" and dataset is not None and self.train_fraction < 1:
+                dataset = stratified_subset(dataset, self.train_fraction, global_seed())
+            setattr(self, f"{split}_set", dataset)
             self._built.add(split)
 
     def train_dataloader(self) -> DataLoader:

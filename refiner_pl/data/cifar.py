@@ -72,6 +72,8 @@ class _CIFARDataModule(ClassificationDataModule):
         repeated_aug: Repeated augmentation: copies of each train image per epoch (0: off).
         predict_dir: Folder of images for ``predict`` (files PIL cannot decode are skipped
             and reported); None predicts the val split.
+        train_fraction: Train on this share of every class of the train split (drawn from the
+            run's seed; val stays whole); 1 uses all of it.
     """
 
     dataset_cls: ClassVar[type[CIFAR10]]
@@ -96,6 +98,7 @@ class _CIFARDataModule(ClassificationDataModule):
         padding: int = 4,
         repeated_aug: int = 0,
         predict_dir: str | None = None,
+        train_fraction: float = 1.0,
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -110,6 +113,7 @@ class _CIFARDataModule(ClassificationDataModule):
             interpolation=interpolation,
             repeated_aug=repeated_aug,
             predict_dir=predict_dir,
+            train_fraction=train_fraction,
         )
         self.root = Path(data_dir).expanduser()
         self.download = download

@@ -77,6 +77,8 @@ class DigitsDataModule(ClassificationDataModule):
         repeated_aug: Repeated augmentation: copies of each train image per epoch (0: off).
         predict_dir: Folder of images for ``predict`` (files PIL cannot decode are skipped
             and reported); None predicts the val split.
+        train_fraction: Train on this share of every class of the train split (drawn from the
+            run's seed; val stays whole); 1 uses all of it.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class DigitsDataModule(ClassificationDataModule):
         augment: bool = True,
         repeated_aug: int = 0,
         predict_dir: str | None = None,
+        train_fraction: float = 1.0,
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -108,6 +111,7 @@ class DigitsDataModule(ClassificationDataModule):
             interpolation=interpolation,
             repeated_aug=repeated_aug,
             predict_dir=predict_dir,
+            train_fraction=train_fraction,
         )
         if interpolation not in RESIZE_MODES:
             raise UserInputError(

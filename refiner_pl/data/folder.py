@@ -95,6 +95,8 @@ class ImageFolderDataModule(ClassificationDataModule):
             image): ``error`` stops with one line naming the file; ``skip`` trains on the next
             image in its place and logs the file with the count so far. Val/test images
             that cannot be decoded are always an error (skipping would change the scores).
+        train_fraction: Train on this share of every class of the train split (drawn from the
+            run's seed; val stays whole); 1 uses all of it.
     """
 
     layout: ClassVar[str] = (
@@ -128,6 +130,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         missing_label_maps: MissingLabelMaps = "error",
         predict_dir: str | None = None,
         bad_images: BadImages = "error",
+        train_fraction: float = 1.0,
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -142,6 +145,7 @@ class ImageFolderDataModule(ClassificationDataModule):
             interpolation=interpolation,
             repeated_aug=repeated_aug,
             predict_dir=predict_dir,
+            train_fraction=train_fraction,
         )
         if bad_images not in get_args(BadImages):
             raise UserInputError(
