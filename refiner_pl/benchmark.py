@@ -59,7 +59,9 @@ def _build(name: str, cfg: dict[str, Any], device: torch.device):
         model.set_refiner_checkpointing(True)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if compile_ else model
+    if compile_:
+        return torch.compile(model, backend=cfg.get("compile_backend", "inductor"))
+    return model
 
 
 class _Runner:
@@ -158,6 +160,7 @@ def throughput(
     precision: Precision = "fp32",
     channels_last: bool = False,
     compile: bool = False,
+    compile_backend: str = "inductor",
     device: str = "cpu",
     threads: int = 2,
     rounds: int = 3,
@@ -169,6 +172,8 @@ def throughput(
 ) -> dict[str, Any]:
     """Training and inference img/s of ``model`` and ``baseline``, interleaved, and ratios.
 
+    ``compile_backend``: torch.compile's backend when ``compile`` is true (``eager`` or
+    ``aot_eager`` trace without generating code: a quick run on a CPU).
     ``keep_freed_memory`` (CPU, glibc): both models run with glibc's malloc keeping freed
     memory for reuse, as ``python cli.py fit`` does on CPU (`KeepFreedMemory`); ``false``
     measures the C library's defaults.
@@ -180,7 +185,8 @@ def throughput(
     cfg = dict(
         model=model, model_kwargs=model_kwargs or {}, checkpointing=checkpointing,
         img_size=img_size, batch_size=batch_size, precision=precision,
-        channels_last=channels_last, compile=compile, threads=threads,
+        channels_last=channels_last, compile=compile, compile_backend=compile_backend,
+        threads=threads,
         keep_freed_memory=keep_freed_memory,
     )  # fmt: skip
     # Memory first, each in a fresh process, before this one runs anything.
