@@ -33,53 +33,39 @@ were trained with). A warning names every given model value that was replaced th
 
 from __future__ import annotations
 
-import os
-import re
-import sys
+import logging
+import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import lightning as L
-import torch
 import yaml
-from jsonargparse import Namespace
 from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from refiner_pl import runs
 from refiner_pl.callbacks import (
     EMA,
     AttentionMonitor,
     EvaluationResults,
     KeepFreedMemory,
     NonFiniteLoss,
+    PreciseBN,
     PredictionWriter,
     has_ema_weights,
 )
+from refiner_pl.callbacks.preemption import PreemptionCheckpoint, preemption_signal
 from refiner_pl.checkpoint_io import AtomicCheckpointIO, check_lightning_checkpoint
 from refiner_pl.data import ClassificationDataModule
 from refiner_pl.errors import UserInputError, reporting_user_errors
 from refiner_pl.module import ImageClassifier
+from refiner_pl.parser import RefinerArgumentParser
 
-CKPT_ALIASES = ("best", "last")
 LINKED = ("num_classes", "img_size")  # model arguments that come from the datamodule
-
-
-class RefinerArgumentParser(LightningArgumentParser):
-    """Reports a bad option or config value as a single ``error: ...`` line (exit status 2).
-
-    Set the environment variable ``JSONARGPARSE_DEBUG=true`` for jsonargparse's full report.
-    """
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error or "JSONARGPARSE_DEBUG" in os.environ:
-            super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"error: {one_line(message)} (see: {prog} --help)\n")
-        self.exit(2)
 
 
 class RefinerCLI(LightningCLI):
@@ -143,6 +129,10 @@ class RefinerCLI(LightningCLI):
         # A NaN/inf training loss stops the run (`--nonfinite_loss.action skip` skips the step).
         parser.add_lightning_class_args(NonFiniteLoss, "nonfinite_loss")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        # BatchNorm statistics recomputed for the weights before every validation
+        parser.add_lightning_class_args(PreciseBN, "precise_bn")
+        # SIGTERM/SIGUSR1 (pre-emption): save last.ckpt at this step, exit 128 + signal
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         # CPU runs keep freed memory for reuse (`--cpu_memory.enabled false` leaves malloc be)
         parser.add_lightning_class_args(KeepFreedMemory, "cpu_memory")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
@@ -176,15 +166,18 @@ class RefinerCLI(LightningCLI):
             return
         config = self.config[subcommand]
         if subcommand == "fit" and config.get("ckpt_path") is None:
-            _resume_existing_run(config)
-        if config.get("ckpt_path") in CKPT_ALIASES:
-            _resolve_ckpt_alias(config, subcommand)
-        if config.get("ckpt_path") not in (None, *CKPT_ALIASES):
+            runs.resume_existing_run(config)
+        if config.get("ckpt_path") in runs.CKPT_ALIASES:
+            runs.resolve_ckpt_alias(config, subcommand)
+        if config.get("ckpt_path") not in (None, *runs.CKPT_ALIASES):
             # One clear line for a missing, damaged or foreign file, or one that would run
             # code when unpickled, before LightningCLI reads its hyperparameters.
             check_lightning_checkpoint(str(config.ckpt_path))
+            runs.warn_on_other_data(config)
             if subcommand == "fit":
-                _resume_in_place(config)
+                runs.resume_in_place(config)
+        if subcommand in runs.EVALUATION_COMMANDS:
+            runs.route_evaluation_outputs(config, subcommand)
         # What the user asked for, to tell them which values the checkpoint replaces.
         model = config.get("model")
         self._given_model_args = dict(vars(model.init_args)) if model else {}
@@ -218,9 +211,14 @@ class RefinerCLI(LightningCLI):
         for key, trained in getattr(self, "_ckpt_linked_args", {}).items():
             current = self.model.hparams.get(key)
             if trained is not None and current is not None and trained != current:
+                hint = (
+                    f"a dataset with {trained} classes"
+                    if key == "num_classes"
+                    else f"--data.{key} {trained}"
+                )
                 raise UserInputError(
                     f"the checkpoint's model was trained with {key}={trained} but the datamodule "
-                    f"gives {key}={current}; use the data it was trained on (data.{key}={trained})"
+                    f"gives {key}={current}; use the data it was trained on ({hint})"
                 )
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
@@ -241,12 +239,23 @@ class RefinerCLI(LightningCLI):
             elif not isinstance(configured, list):
                 configured = [configured]
             kwargs["callbacks"] = [*configured, *optional, *kwargs.get("callbacks", [])]
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:
+            accelerator = config.trainer.get("accelerator")
+            if accelerator in (None, "cpu") or "available" not in str(err):
+                raise
+            raise UserInputError(
+                f"trainer.accelerator {accelerator!r}: {runs.first_line(err)}; on this machine "
+                "use --trainer configs/trainer/cpu.yaml (or --trainer.accelerator cpu "
+                "--trainer.precision 32-true)"
+            ) from None
 
     # ----------------------------------------------------------------------- fit checks
     def before_fit(self) -> None:
-        """Catches a schedule, batch or lr that cannot work before any folder is written."""
-        trainer, hp = self.trainer, self.model.hparams
+        """Catches a batch or lr that cannot work before any folder is written, then takes the
+        run folder's lock (one live run per folder)."""
+        trainer = self.trainer
         batch_size = getattr(self.datamodule, "batch_size", None)
         if isinstance(batch_size, int) and isinstance(self.model, ImageClassifier):
             self.model.check_batch_size(batch_size)  # mixup needs an even batch
@@ -256,16 +265,13 @@ class RefinerCLI(LightningCLI):
             trainer.callbacks = [
                 c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)
             ]
-        _say_where_checkpoints_go(trainer)
-        if trainer.fast_dev_run or trainer.max_steps != -1 or hp.get("sched") == "none":
-            return
-        epochs = trainer.max_epochs
-        span = hp.get("warmup_epochs", 0) + hp.get("cooldown_epochs", 0)
-        if epochs is not None and 0 < epochs <= span:
-            raise UserInputError(
-                f"model.warmup_epochs + model.cooldown_epochs ({span:g}) leave no epoch for the "
-                f"schedule in trainer.max_epochs={epochs}; raise max_epochs or shorten warmup"
-            )
+        runs.say_where_checkpoints_go(trainer)
+        if trainer.loggers and trainer.log_dir and trainer.global_rank == 0:
+            runs.RunLock(trainer.log_dir).acquire()
+
+    def after_fit(self) -> None:
+        runs.report_fit_outputs(self.trainer)
+        runs.release_run_locks()
 
     def before_validate(self) -> None:
         self._check_ema_weights()
@@ -310,184 +316,31 @@ class RefinerCLI(LightningCLI):
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of ``cli.py``; a `UserInputError` becomes one ``error:`` line, exit 2."""
-    with reporting_user_errors():
-        RefinerCLI(args=args)
+    """Entry point of ``cli.py``: a `UserInputError`, a full disk or read-only storage becomes
+    one ``error:`` line (exit 2); a pre-emption signal, a saved last checkpoint and exit
+    status 128 + signal, as a killed process has."""
+    quiet_routine_noise()
+    try:
+        with reporting_user_errors():
+            RefinerCLI(args=args)
+    except SIGTERMException:
+        raise SystemExit(128 + preemption_signal()) from None
+    finally:
+        runs.release_run_locks()
 
 
-# ------------------------------------------------------------------------------ helpers
-def _resolve_ckpt_alias(config: Namespace, subcommand: str) -> None:
-    """Replaces ``ckpt_path: best|last`` by that checkpoint of the newest run with one."""
-    alias = config.ckpt_path
-    ckpt_dir = _checkpoint_dir(config)
-    if ckpt_dir is None:
-        if subcommand == "fit" and alias == "last":
-            return  # Lightning's own "last": resume if the new run folder has one, else start
-        raise UserInputError(
-            f"ckpt_path {alias!r}: found no run with checkpoints in {_describe_runs(config)}; "
-            "train one with `fit` first or pass a checkpoint file"
-        )
-    if alias == "last":
-        path = ckpt_dir / f"{config.last_checkpoint.filename or 'last'}.ckpt"
-        if not path.is_file():
-            raise UserInputError(
-                f"ckpt_path 'last': {ckpt_dir} has no {path.name}; pass a checkpoint file"
-            )
-    else:
-        path = _best_checkpoint(ckpt_dir)
-    config.ckpt_path = str(path)
-    rank_zero_info(f"ckpt_path {alias!r} resolved to {path}")
+def quiet_routine_noise() -> None:
+    """Drops dependency chatter a user can do nothing about: Lightning's product tips and
+    deprecation notices raised inside the libraries themselves."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(lightning|torch|timm)\.")
+    warnings.filterwarnings("ignore", message=r".*is deprecated", module=r"lightning\.")
 
 
-def _resume_existing_run(config: Namespace) -> None:
-    """`fit` into a fixed run folder that already has a last checkpoint resumes from it.
-
-    The folder is fixed by ``trainer.logger.init_args.version``: rerunning the same command
-    after a kill, e.g. a requeued cluster job, continues the run instead of starting over on
-    top of its checkpoints.
-    """
-    args = _logger_args(config)
-    if args is None or args.get("version") is None or config.trainer.get("fast_dev_run"):
-        return
-    ckpt_dir = _checkpoint_dir(config)
-    last = ckpt_dir / f"{config.last_checkpoint.filename or 'last'}.ckpt" if ckpt_dir else None
-    if last is not None and last.is_file():
-        config.ckpt_path = str(last)
-        rank_zero_info(
-            f"resuming from {last}: the run folder already has a last checkpoint (start a new "
-            "run with another trainer.logger.init_args.version)"
-        )
-
-
-def _say_where_checkpoints_go(trainer: L.Trainer) -> None:
-    """A log line for every checkpoint folder outside the run folder (``checkpoint.dirpath``),
-    or for every one when there is no run folder (``--trainer.logger false``)."""
-    if trainer.fast_dev_run:
-        return  # it writes no checkpoints
-    run_dir = Path(trainer.log_dir).resolve() if trainer.loggers and trainer.log_dir else None
-    folders = set()
-    for callback in trainer.checkpoint_callbacks:
-        dirpath = getattr(callback, "dirpath", None)
-        if dirpath is not None:
-            if "://" not in str(dirpath):
-                folders.add(Path(dirpath).resolve())
-        elif run_dir is None:  # where ModelCheckpoint puts them without a logger
-            folders.add(Path(trainer.default_root_dir, "checkpoints").resolve())
-    for folder in sorted(folders):
-        if run_dir is None:
-            rank_zero_info(f"checkpoints go to {folder} (trainer.logger is off: no run folder)")
-        elif not folder.is_relative_to(run_dir):
-            rank_zero_info(f"checkpoints go to {folder}, outside the run folder {run_dir}")
-
-
-def _resume_in_place(config: Namespace) -> None:
-    """`fit` from ``<runs>/version_<n>/checkpoints/x.ckpt`` logs on into ``version_<n>``."""
-    logger_args = _logger_args(config)
-    if logger_args is None or logger_args.get("version") is not None:
-        return
-    ckpt = Path(config.ckpt_path).resolve()
-    run = ckpt.parent.parent
-    if (
-        ckpt.parent.name == "checkpoints"
-        and run.parent == _runs_root(config).resolve()
-        and _version_number(run) is not None
-    ):
-        logger_args.version = _version_number(run)
-        rank_zero_info(f"resuming into {run}")
-
-
-def _logger_args(config: Namespace) -> Namespace | None:
-    """init_args of the (first) logger when it writes under a save_dir, as TensorBoard does."""
-    logger = config.trainer.get("logger")
-    if isinstance(logger, list):
-        logger = logger[0] if logger else None
-    if isinstance(logger, Namespace) and isinstance(logger.get("init_args"), Namespace):
-        if logger.init_args.get("save_dir"):
-            return logger.init_args
-    return None
-
-
-def _runs_root(config: Namespace) -> Path:
-    args = _logger_args(config)
-    assert args is not None
-    return Path(args.save_dir) / (args.get("name") or "")
-
-
-def _version_number(run: Path) -> int | None:
-    number = run.name.removeprefix("version_")
-    return int(number) if run.name.startswith("version_") and number.isdigit() else None
-
-
-def _describe_runs(config: Namespace) -> str:
-    if config.checkpoint.get("dirpath"):
-        return str(config.checkpoint.dirpath)
-    return f"{_runs_root(config)}/version_*/checkpoints"
-
-
-def _checkpoint_dir(config: Namespace) -> Path | None:
-    """Checkpoint folder of the newest run that has a checkpoint (None if there is none)."""
-    if config.checkpoint.get("dirpath"):
-        runs = [Path(config.checkpoint.dirpath)]
-    else:
-        args = _logger_args(config)
-        if args is None:
-            raise UserInputError(
-                "ckpt_path 'best'/'last' needs a logger with a save_dir (trainer.logger) or "
-                "checkpoint.dirpath to find the runs; pass a checkpoint file instead"
-            )
-        root, version = _runs_root(config), args.get("version")
-        if version is not None:  # a fixed run folder: look only there
-            runs = [root / (version if isinstance(version, str) else f"version_{version}")]
-        else:
-            numbered = [(_version_number(run), run) for run in root.glob("version_*")]
-            runs = [run for number, run in sorted(numbered, reverse=True) if number is not None]
-        runs = [run / "checkpoints" for run in runs]
-    return next((run for run in runs if any(run.glob("*.ckpt"))), None)
-
-
-def _best_checkpoint(ckpt_dir: Path) -> Path:
-    """The best checkpoint recorded by ModelCheckpoint in the newest file of `ckpt_dir`."""
-    newest = max(ckpt_dir.glob("*.ckpt"), key=lambda path: path.stat().st_mtime)
-    state = torch.load(newest, map_location="cpu", weights_only=True, mmap=True)
-    for key, callback in state.get("callbacks", {}).items():
-        if not key.startswith("ModelCheckpoint") or callback.get("monitor") is None:
-            continue  # the last_checkpoint callback also records a "best" path: its latest
-        best = Path(callback.get("best_model_path") or "").name
-        if best and (ckpt_dir / best).is_file():
-            return ckpt_dir / best
-    raise UserInputError(
-        f"ckpt_path 'best': no best checkpoint recorded in {ckpt_dir} (is checkpoint.monitor "
-        "set?); pass a checkpoint file or use 'last'"
-    )
-
-
-def one_line(message: str) -> str:
-    """Condenses jsonargparse's nested multi-line report to ``key.path: first reason``."""
-    keys: list[str] = []
-    reason = given = None
-    for raw in message.splitlines():
-        line = raw.strip().lstrip("-").strip()
-        match = re.match(r'Parser key "([^"]+)":\s*(.*)$', line)
-        if match and reason is None:
-            keys.append(match.group(1))
-            reason = match.group(2) or None
-        elif line.startswith("Given value:"):
-            given = given or line.removeprefix("Given value:").strip()
-        elif line and reason is None and not line.startswith(_NOISE):
-            reason = line
-    if not keys:
-        return " ".join(message.split())
-    text = f"{'.'.join(keys)}: {reason or 'invalid value'}"
-    if given and "Got value" not in text and not given.startswith(("NestedArg(", "{", "[")):
-        text += f" (got {given!r})"
-    return text
-
-
-_NOISE = (
-    "Does not validate against any of the",
-    "Subtypes:",
-    "Errors:",
-    "Given value",
-    "Expected a <class 'NoneType'>",
-    "Problem with given class_path",
-)
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)

@@ -309,7 +309,7 @@ def export(
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m refiner_pl.export``: bad input is one ``error:`` line."""
-    from refiner_pl.cli import RefinerArgumentParser  # as cli.py does
+    from refiner_pl.parser import RefinerArgumentParser  # as cli.py does
 
     try:
         with reporting_user_errors():

@@ -16,7 +16,7 @@ import lightning as L
 import timm
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, list_optimizers
@@ -27,7 +27,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from refiner_pl.data.token_label import LabelMapCrop, TokenLabelMixup, dense_label_targets
-from refiner_pl.errors import UserInputError
+from refiner_pl.errors import UserInputError, say
 from refiner_pl.losses import TokenLabelLoss, attention_similarity_penalty
 from refiner_pl.models import init_weights_from
 from refiner_pl.seeding import seed_step
@@ -390,9 +390,9 @@ class ImageClassifier(L.LightningModule):
             # cooldown into half of it rather than fail. The CLI rejects a too-short max_epochs.
             scale = total_steps / 2 / edges
             warmup_epochs, cooldown_epochs = warmup_epochs * scale, cooldown_epochs * scale
-            rank_zero_warn(
-                f"warmup_epochs + cooldown_epochs ({edges:g} steps) do not fit in this run's "
-                f"{total_steps} steps; scaled down to {scale * edges:g} steps"
+            say(
+                f"warning: warmup_epochs + cooldown_epochs ({edges:g} steps) do not fit in this "
+                f"run's {total_steps} steps; shortened to {scale * edges:g} steps"
             )
         scheduler, _ = create_scheduler_v2(
             optimizer,

@@ -33,11 +33,11 @@ from refiner_pl.analysis.attention import (
     series_maps,
 )
 from refiner_pl.callbacks import load_ema_weights
-from refiner_pl.cli import RefinerArgumentParser, one_line
 from refiner_pl.data import ClassificationDataModule
 from refiner_pl.errors import UserInputError, find_user_error, reporting_user_errors
 from refiner_pl.models import read_checkpoint
 from refiner_pl.module import ImageClassifier
+from refiner_pl.parser import RefinerArgumentParser, one_line
 
 PROG = "python -m refiner_pl.analysis.compare"
 REPORT = "attention_report"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from refiner_pl.checkpoint_io import atomic_torch_save, read_checkpoint
 from refiner_pl.errors import UserInputError
 from refiner_pl.models.refiner_vit import RefinerViT, release_to_refiner_pl
 
@@ -36,49 +36,6 @@ _logger = logging.getLogger(__name__)
 MODEL_FORMAT = "refiner_pl.model"
 # Release files wrap the weights under one of these keys; EMA weights are the ones evaluated.
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """``torch.load`` with ``weights_only=True``, turning every failure into one clear line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"checkpoint {str(path)!r} does not exist: check the path")
-    with path.open("rb") as f:
-        head = f.read(2)
-    is_zip = head == b"PK"  # torch.save's format; legacy files are a bare pickle
-    try:
-        # Memory-mapped where the format allows: a check of a multi-GB checkpoint before
-        # Lightning loads it reads only the pages it touches.
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as err:
-        if not (is_zip or head[:1] == b"\x80"):  # not a pickle at all, e.g. a text file
-            raise UserInputError(
-                f"cannot read checkpoint {str(path)!r}: it is not a PyTorch checkpoint; "
-                "point at a .ckpt/.pth/.pt file"
-            ) from None
-        raise UserInputError(
-            f"refused to load {str(path)!r}: it contains pickled objects that are not plain "
-            f"tensors ({_unpickler_reason(err)[:160]}); only load checkpoints from sources you "
-            "trust, and re-save them as a plain state dict"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserInputError(
-            f"cannot read checkpoint {str(path)!r}: the file is truncated or not a PyTorch "
-            f"checkpoint ({reason[:160]}); re-download or re-save it"
-        ) from None
-    if not isinstance(loaded, Mapping):
-        raise UserInputError(
-            f"checkpoint {str(path)!r} holds a {type(loaded).__name__}, not a state dict"
-        )
-    return dict(loaded)
-
-
-def _unpickler_reason(err: Exception) -> str:
-    """The line of torch's weights-only report that names what was refused, without ANSI codes."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
-    reasons = [line for line in lines if line.startswith(("Unsupported", "Trying to"))]
-    return reasons[0] if reasons else (lines[0] if lines else type(err).__name__)
 
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -258,18 +215,13 @@ def from_official_checkpoint(
 
 def save_model(model: RefinerViT, path: str | os.PathLike) -> Path:
     """Save weights and architecture in this project's format (read by :func:`load_model`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": MODEL_FORMAT,
         "version": 1,
         "model_args": {**model.model_args, "img_size": list(model.model_args["img_size"])},
         "state_dict": model.state_dict(),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # never leave a half-written file under the real name
-    return path
+    return atomic_torch_save(payload, path)
 
 
 def load_model(
