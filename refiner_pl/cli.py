@@ -61,7 +61,7 @@ from refiner_pl.callbacks import (
 from refiner_pl.callbacks.preemption import PreemptionCheckpoint, preemption_signal
 from refiner_pl.checkpoint_io import AtomicCheckpointIO, check_lightning_checkpoint
 from refiner_pl.data import ClassificationDataModule
-from refiner_pl.errors import UserInputError, reporting_user_errors
+from refiner_pl.errors import UserInputError, first_line, reporting_user_errors
 from refiner_pl.module import ImageClassifier
 from refiner_pl.parser import RefinerArgumentParser
 
@@ -178,6 +178,8 @@ class RefinerCLI(LightningCLI):
                 runs.resume_in_place(config)
         if subcommand in runs.EVALUATION_COMMANDS:
             runs.route_evaluation_outputs(config, subcommand)
+            # the checkpoint callbacks of an evaluation write nothing: their folder is moot
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
         # What the user asked for, to tell them which values the checkpoint replaces.
         model = config.get("model")
         self._given_model_args = dict(vars(model.init_args)) if model else {}
@@ -246,7 +248,7 @@ class RefinerCLI(LightningCLI):
             if accelerator in (None, "cpu") or "available" not in str(err):
                 raise
             raise UserInputError(
-                f"trainer.accelerator {accelerator!r}: {runs.first_line(err)}; on this machine "
+                f"trainer.accelerator {accelerator!r}: {first_line(err)}; on this machine "
                 "use --trainer configs/trainer/cpu.yaml (or --trainer.accelerator cpu "
                 "--trainer.precision 32-true)"
             ) from None

@@ -59,6 +59,11 @@ def storage_error_message(err: BaseException | None) -> str | None:
     return None
 
 
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def user_message(error: UserInputError) -> str:
     """The error's own message, also when a DataLoader worker raised it.
 

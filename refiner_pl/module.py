@@ -28,6 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from refiner_pl.data.token_label import LabelMapCrop, TokenLabelMixup, dense_label_targets
 from refiner_pl.errors import UserInputError, say
+from refiner_pl.lightning_compat import ensure_train_dataloader, tensorboard_file_writer
 from refiner_pl.losses import TokenLabelLoss, attention_similarity_penalty
 from refiner_pl.models import init_weights_from
 from refiner_pl.seeding import seed_step
@@ -442,8 +443,7 @@ class ImageClassifier(L.LightningModule):
         trainer = self.trainer
         per_device = getattr(trainer.datamodule, "batch_size", None)
         if per_device is None:  # dataloaders given to fit() directly
-            if trainer.train_dataloader is None:
-                trainer.fit_loop.setup_data()
+            ensure_train_dataloader(trainer)
             per_device = getattr(trainer.train_dataloader, "batch_size", None)
         if not isinstance(per_device, int):
             raise UserInputError(
@@ -470,8 +470,7 @@ class ImageClassifier(L.LightningModule):
                 "the learning-rate schedule needs a finite run; set trainer.max_epochs or "
                 "trainer.max_steps (or use model.sched: none)"
             )
-        if trainer.train_dataloader is None:  # max_steps runs skip loading it for the total
-            trainer.fit_loop.setup_data()
+        ensure_train_dataloader(trainer)  # max_steps runs skip loading it for the total
         batches = trainer.num_training_batches  # per device, after limit_train_batches
         if math.isfinite(batches) and batches > 0:
             steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
@@ -493,7 +492,7 @@ def _write_hparams_summary(logger: TensorBoardLogger, params: dict, metrics: lis
         for key, value in params.items()
         if not key.startswith("_")  # LightningCLI's _class_path / _instantiator
     }
-    writer = logger.experiment._get_file_writer()
+    writer = tensorboard_file_writer(logger)
     for summary in hparams_summary(params, dict.fromkeys(metrics, 0.0)):
         writer.add_summary(summary)
 

@@ -40,7 +40,10 @@ EVALUATION_COMMANDS = ("validate", "test", "predict")
 
 # Settings that change how a run executes or where it reads from, not what model and data
 # it trains: a checkpoint trained with other values still fits the command.
-RUNTIME_ONLY_MODEL_KEYS = frozenset({"init_from", "grad_checkpointing", "refiner_checkpointing"})
+# (The model's num_classes and img_size come from the data, which is compared itself.)
+RUNTIME_ONLY_MODEL_KEYS = frozenset(
+    {"init_from", "grad_checkpointing", "refiner_checkpointing", "num_classes", "img_size"}
+)
 RUNTIME_ONLY_DATA_KEYS = frozenset(
     {"num_workers", "pin_memory", "persistent_workers", "predict_dir", "batch_size"}
 )
@@ -379,11 +382,6 @@ def say_where_checkpoints_go(trainer: L.Trainer) -> None:
             say(f"checkpoints go to {folder} (trainer.logger is off: no run folder)")
         elif not folder.is_relative_to(run_dir):
             say(f"checkpoints go to {folder}, outside the run folder {run_dir}")
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # -------------------------------------------------------------------------- run lock

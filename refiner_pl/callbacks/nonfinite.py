@@ -10,7 +10,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from refiner_pl.checkpoint_io import first_non_finite
 from refiner_pl.errors import UserInputError
+from refiner_pl.lightning_compat import batch_index
 
 NonFiniteAction = Literal["stop", "skip"]
 
@@ -104,6 +106,29 @@ class NonFiniteLoss(L.Callback):
             f"({self.skipped} skipped in this run; nonfinite_loss.action: skip)"
         )
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Before any checkpoint of this validation is written (checkpoint callbacks run
+        last): weights that give a NaN/inf validation score must not become "best" or "last"."""
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        bad = [
+            f"{key} {float(value)}"
+            for key, value in trainer.callback_metrics.items()
+            if key.startswith("val") and not bool(torch.isfinite(torch.as_tensor(value)).all())
+        ]
+        weight = first_non_finite(pl_module.state_dict())
+        if weight is not None:
+            bad.append(f"weight {weight}")
+        if trainer.strategy.reduce_boolean_decision(not bad, all=True):
+            return
+        raise NonFiniteLossError(
+            f"training stopped: after epoch {trainer.current_epoch} (global step "
+            f"{trainer.global_step}) {', '.join(bad[:3]) or 'another device'} is NaN/inf, so the "
+            "training diverged and this epoch's checkpoints were not written (the files on disk "
+            "are the last good ones); resume from one of them with a lower model.lr or with "
+            "trainer.gradient_clip_val set"
+        )
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
@@ -147,7 +172,7 @@ class NonFiniteLoss(L.Callback):
 
 def _where(trainer: L.Trainer) -> str:
     """``epoch E, batch B (global step S)`` of the batch being trained."""
-    batch = trainer.fit_loop.epoch_loop.batch_idx
+    batch = batch_index(trainer)
     return f"epoch {trainer.current_epoch}, batch {batch} (global step {trainer.global_step})"
 
 

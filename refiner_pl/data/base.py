@@ -6,6 +6,7 @@ dataloaders from here.
 """
 
 import inspect
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Literal
@@ -24,9 +25,21 @@ from refiner_pl.data.predict import ImageFiles, check_predict_dir, collate_predi
 from refiner_pl.data.resume import ResumableDataLoader, ResumableSampler, SeededSamples
 from refiner_pl.data.transforms import build_eval_transform
 from refiner_pl.errors import UserInputError
+from refiner_pl.lightning_compat import batches_done_this_epoch
 from refiner_pl.seeding import global_seed
 
 Split = Literal["train", "val", "test"]
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+DEFAULT_NUM_WORKERS = min(8, _available_cores())
+"""Loader workers per device by default: the cores this process may use, at most 8."""
 
 # Which splits each Trainer stage needs, so e.g. `validate` never scans the train folder.
 _STAGE_SPLITS: dict[str | None, tuple[Split, ...]] = {
@@ -158,7 +171,7 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         data_dir: str | None,
         img_size: int = 224,
         batch_size: int = 64,
-        num_workers: int = 4,
+        num_workers: int = DEFAULT_NUM_WORKERS,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         mean: tuple[float, float, float] | None = None,
@@ -305,8 +318,7 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
 
     def _train_batches_done(self) -> int:
         """Batches of the current epoch the fit loop has trained (after a mid-epoch resume)."""
-        fit_loop = getattr(self.trainer, "fit_loop", None)
-        return fit_loop.epoch_loop.batch_progress.current.ready if fit_loop is not None else 0
+        return batches_done_this_epoch(self.trainer) if self.trainer is not None else 0
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in dataset order."""

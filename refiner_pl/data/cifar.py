@@ -1,6 +1,7 @@
 """CIFAR-10 / CIFAR-100 on ``torchvision.datasets`` (python pickle version)."""
 
 import pickle
+import shutil
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -11,9 +12,9 @@ from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity
 
-from refiner_pl.data.base import ClassificationDataModule, Split
+from refiner_pl.data.base import DEFAULT_NUM_WORKERS, ClassificationDataModule, Split
 from refiner_pl.data.transforms import build_eval_transform, check_interpolation
-from refiner_pl.errors import UserInputError
+from refiner_pl.errors import UserInputError, first_line
 
 CIFAR_SIZE = 32  # native resolution; padding is given in pixels at this size
 
@@ -87,7 +88,7 @@ class _CIFARDataModule(ClassificationDataModule):
         download: bool = False,
         img_size: int = CIFAR_SIZE,
         batch_size: int = 64,
-        num_workers: int = 4,
+        num_workers: int = DEFAULT_NUM_WORKERS,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         mean: tuple[float, float, float] | None = None,
@@ -180,9 +181,22 @@ class _CIFARDataModule(ClassificationDataModule):
 
     def prepare_data(self) -> None:
         """Downloads and extracts the dataset (once per node) when ``download`` is set."""
-        if self.download:
+        if not self.download:
+            return
+        created = not self.root.exists()
+        try:
             for train in (True, False):
                 self.dataset_cls(str(self.root), train=train, download=True)
+        except OSError as err:  # urllib's URLError is one: no network, proxy, DNS
+            archive = self.root / self.dataset_cls.filename
+            archive.unlink(missing_ok=True)  # a partial download
+            if created:
+                shutil.rmtree(self.root, ignore_errors=True)
+            raise UserInputError(
+                f"could not download {self.display_name} ({first_line(err)}): on a machine "
+                f"without network, fetch {self.dataset_cls.url} elsewhere, put the file in "
+                f"'{self.root}' and rerun with --data.download true, which extracts it"
+            ) from None
 
     def _build_split(self, split: Split) -> Dataset | None:
         if split == "test":

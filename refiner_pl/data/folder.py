@@ -19,7 +19,7 @@ from torchvision.datasets.folder import (
     has_file_allowed_extension,
 )
 
-from refiner_pl.data.base import ClassificationDataModule, Split
+from refiner_pl.data.base import DEFAULT_NUM_WORKERS, ClassificationDataModule, Split
 from refiner_pl.data.predict import DECODE_ERRORS
 from refiner_pl.data.token_label import (
     MissingLabelMaps,
@@ -109,7 +109,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         data_dir: str,
         img_size: int = 224,
         batch_size: int = 64,
-        num_workers: int = 4,
+        num_workers: int = DEFAULT_NUM_WORKERS,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         mean: tuple[float, float, float] | None = None,
@@ -222,6 +222,11 @@ class ImageFolderDataModule(ClassificationDataModule):
             fix = self.flat_hint if flat else self.layout
             problem = "images but no class folders" if flat else "no class folders"
             raise UserInputError(f"'{split_dir}' has {problem}: {fix}") from None
+        if split == "train" and len(folders) < 2:
+            raise UserInputError(
+                f"'{split_dir}' has {len(folders)} class folder ({_preview(folders)}): a "
+                "classifier needs at least 2 classes; add a folder of images per class"
+            )
         empty = [name for name in folders if not _has_image(split_dir / name)]
         if empty:
             raise UserInputError(
