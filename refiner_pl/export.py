@@ -26,20 +26,24 @@ difference of the logits; above ``--atol`` it deletes the file and fails.
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from jsonargparse import auto_cli
-from timm.data import resolve_model_data_config
+from timm.data import ImageNetInfo, resolve_model_data_config
 from torch import nn
 
+from refiner_pl import runs
 from refiner_pl.callbacks.ema import STATE_KEY as EMA_STATE_KEY
 from refiner_pl.callbacks.ema import load_ema_weights
 from refiner_pl.errors import UserInputError, reporting_user_errors
 from refiner_pl.models import from_official_checkpoint, read_checkpoint
+from refiner_pl.module import DEPLOYMENT_KEY
+from refiner_pl.runs import CKPT_ALIASES
 
 Format = Literal["onnx", "exported_program", "torchscript"]
 FORMATS: tuple[str, ...] = Format.__args__  # type: ignore[attr-defined]
@@ -67,6 +71,7 @@ class LoadedNetwork(NamedTuple):
     network: nn.Module
     input_size: tuple[int, int, int]
     ema: bool | None
+    metadata: dict[str, str]
 
     @property
     def weights(self) -> str:
@@ -91,11 +96,13 @@ def load_network(ckpt_path: str | Path, ema: bool | None = None) -> LoadedNetwor
                 "when it has both): leave --ema out"
             )
         network = from_official_checkpoint(checkpoint)
-        return LoadedNetwork(_prepare(network), _input_size(network), None)
+        size = _input_size(network)
+        return LoadedNetwork(_prepare(network), size, None, _metadata(network, size, {}))
 
-    from refiner_pl.module import ImageClassifier  # Lightning and the training recipe
+    from refiner_pl.module import ImageClassifier
 
     has_ema = bool((checkpoint.get("callbacks", {}).get(EMA_STATE_KEY) or {}).get("weights"))
+    deployment = dict(checkpoint.get(DEPLOYMENT_KEY) or {})
     del checkpoint  # load_from_checkpoint reads the file itself
     # pretrained=False: the checkpoint brings the weights, nothing is downloaded
     module = ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", pretrained=False)
@@ -103,7 +110,42 @@ def load_network(ckpt_path: str | Path, ema: bool | None = None) -> LoadedNetwor
     use_ema = has_ema if ema is None else ema
     if use_ema:
         network.load_state_dict(load_ema_weights(ckpt_path))  # explains a missing average
-    return LoadedNetwork(_prepare(network), _input_size(network, module.hparams.img_size), use_ema)
+    size = _input_size(network, module.hparams.img_size)
+    return LoadedNetwork(_prepare(network), size, use_ema, _metadata(network, size, deployment))
+
+
+def _metadata(
+    network: nn.Module, input_size: tuple[int, int, int], deployment: dict
+) -> dict[str, str]:
+    """What a deployer needs besides the graph, as strings (ONNX metadata_props): class names,
+    input size, normalisation and resize, from the checkpoint where it recorded them, else
+    from the model's pretrained config (ImageNet-1k names for 1000 classes)."""
+    data = resolve_model_data_config(network)
+    num_classes = getattr(network, "num_classes", None)
+    names = deployment.get("class_names")
+    if names is None and num_classes == 1000:
+        names = list(ImageNetInfo().label_names())
+    fields = {
+        "class_names": names,
+        "num_classes": num_classes,
+        "input_size": list(input_size),
+        "mean": deployment.get("mean", list(data["mean"])),
+        "std": deployment.get("std", list(data["std"])),
+        "interpolation": deployment.get("interpolation", data["interpolation"]),
+        "crop_pct": deployment.get("crop_pct", data["crop_pct"]),
+        "input_layout": "NCHW, RGB, float32 in [0, 1] then (x - mean) / std",
+    }
+    return {key: json.dumps(value) for key, value in fields.items() if value is not None}
+
+
+def _add_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
 
 
 def _prepare(network: nn.Module) -> nn.Module:
@@ -254,12 +296,14 @@ def export(
     opset: int | None = None,
     ema: bool | None = None,
     atol: float = 1e-4,
+    train_config: str | None = None,
 ) -> Path:
     """Export a checkpoint's network and check it against PyTorch.
 
     Args:
-        ckpt_path: a Lightning checkpoint of this project, a Refiner-ViT release file or a
-            model saved with refiner_pl.models.save_model.
+        ckpt_path: a Lightning checkpoint of this project, a Refiner-ViT release file, a
+            model saved with refiner_pl.models.save_model, or ``best``/``last`` of the runs
+            of ``--train_config`` (as ``cli.py validate --ckpt_path best`` picks them).
         format: onnx, exported_program (torch.export) or torchscript (torch.jit.trace).
         out: the file to write; default: next to the checkpoint, named after it, with
             ``-ema`` for EMA weights and the format's suffix (.onnx, .pt2, .torchscript.pt).
@@ -267,7 +311,10 @@ def export(
         ema: Lightning checkpoints: true exports the EMA weights, false the raw weights;
             default: the EMA weights when the checkpoint has them.
         atol: largest absolute logit difference accepted in the check after export.
+        train_config: the ``cli.py`` config whose runs ``best``/``last`` choose from.
     """
+    if ckpt_path in CKPT_ALIASES:
+        ckpt_path = resolve_alias_of_config(ckpt_path, train_config)
     if format not in FORMATS:
         raise UserInputError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
     if not atol > 0:
@@ -293,6 +340,8 @@ def export(
         tag = "-ema" if loaded.ema else ""
         out = str(source.with_name(source.stem + tag + SUFFIXES[format]))
     path = export_network(loaded.network, out, format, loaded.input_size, opset)
+    if format == "onnx":
+        _add_onnx_metadata(path, loaded.metadata)
     try:
         diff = check_export(path, loaded.network, format, loaded.input_size, atol=atol)
     except ExportMismatchError as err:
@@ -305,6 +354,34 @@ def export(
         f"PyTorch at batch size {CHECK_BATCH}: max abs diff {diff:.3g} (<= {atol:g})"
     )
     return path
+
+
+def resolve_alias_of_config(alias: str, config: str | None) -> str:
+    """``best``/``last`` of the runs of a ``cli.py`` config file, with cli.py's defaults."""
+    if config is None:
+        raise UserInputError(
+            f"--ckpt_path {alias} picks among the runs of a training config: add "
+            "--train_config (e.g. configs/quickstart.yaml) or pass a checkpoint file"
+        )
+    from lightning.pytorch.cli import LightningCLI
+
+    from refiner_pl.cli import RefinerCLI
+
+    class Resolved(Exception):
+        pass
+
+    class AliasResolver(RefinerCLI):  # cli.py's parser and defaults; stops after parsing
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            LightningCLI.parse_arguments(self, parser, args)
+            runs.resolve_ckpt_alias(self.config.validate, "validate")
+            raise Resolved(str(self.config.validate.ckpt_path))
+
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    try:
+        AliasResolver(args=["validate", "--config", config, "--ckpt_path", alias])
+    except Resolved as resolved:
+        return str(resolved)
+    raise AssertionError("unreachable: the resolver always raises")
 
 
 def main(args: list[str] | None = None) -> None:

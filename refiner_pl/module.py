@@ -364,6 +364,12 @@ class ImageClassifier(L.LightningModule):
             if isinstance(logger, TensorBoardLogger):
                 _write_hparams_summary(logger, params, metrics)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What a deployer needs besides the weights (read back by refiner_pl.export).
+        preprocessing = deployment_config(getattr(self.trainer, "datamodule", None))
+        if preprocessing:
+            checkpoint[DEPLOYMENT_KEY] = preprocessing
+
     # ---------------------------------------------------------------- optimizer and schedule
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -497,6 +503,22 @@ def _write_hparams_summary(logger: TensorBoardLogger, params: dict, metrics: lis
         writer.add_summary(summary)
 
 
+DEPLOYMENT_KEY = "deployment"
+"""Checkpoint key of the class names and preprocessing the network was trained with."""
+
+
+def deployment_config(datamodule: Any) -> dict[str, Any]:
+    """Class names, input size and eval preprocessing of a datamodule (empty if unknown)."""
+    if datamodule is None or not hasattr(datamodule, "class_names"):
+        return {}
+    config: dict[str, Any] = {"class_names": list(datamodule.class_names)}
+    for key in ("img_size", "mean", "std", "crop_pct", "interpolation"):
+        value = getattr(datamodule, key, None)
+        if value is not None:
+            config[key] = list(value) if isinstance(value, tuple) else value
+    return config
+
+
 def _create_model(model_name: str, *, img_size: int, **kwargs: Any) -> nn.Module:
     """`timm.create_model`, passing `img_size` only to models whose constructor takes it."""
     try:
@@ -588,4 +610,4 @@ def _check_hparams(hp: dict[str, Any]) -> None:
         )
 
 
-__all__ = ["ImageClassifier", "MIXUP_MODES", "SCHEDULES"]
+__all__ = ["DEPLOYMENT_KEY", "ImageClassifier", "MIXUP_MODES", "SCHEDULES", "deployment_config"]
