@@ -33,9 +33,8 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
 
-from refiner_pl.errors import UserInputError
+from refiner_pl.errors import UserInputError, say
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -89,7 +88,7 @@ def verify_digest(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> boo
     """Checks a loaded checkpoint against the digest saved in it; False when it has none."""
     recorded = checkpoint.get(DIGEST_KEY)
     if not isinstance(recorded, Mapping) or "sha256" not in recorded:
-        rank_zero_info(
+        say(
             f"note: {path} carries no checksum (a release file, or written by an older "
             "version): loaded unverified"
         )

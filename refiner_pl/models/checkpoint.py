@@ -18,7 +18,7 @@ from torch import nn
 
 from refiner_pl.checkpoint_io import atomic_torch_save, read_checkpoint
 from refiner_pl.errors import UserInputError
-from refiner_pl.models.refiner_vit import RefinerViT, release_to_refiner_pl
+from refiner_pl.models.refiner_vit import RefinerViT, release_to_refiner_pl, unwrap_state_dict
 
 __all__ = [
     "InitReport",
@@ -34,24 +34,6 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 MODEL_FORMAT = "refiner_pl.model"
-# Release files wrap the weights under one of these keys; EMA weights are the ones evaluated.
-_WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
-
-
-def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The weights of a release-style file: EMA first, then ``state_dict`` / ``model``;
-    ``module.`` prefixes (DataParallel/DDP) are stripped."""
-    state_dict: Mapping[str, Any] = checkpoint
-    for key in _WRAPPER_KEYS:
-        if isinstance(checkpoint.get(key), Mapping) and checkpoint[key]:
-            state_dict = checkpoint[key]
-            break
-    out = {}
-    for key, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        out[key[len("module.") :] if key.startswith("module.") else key] = value
-    return out
 
 
 def _block_indices(state_dict: Mapping[str, torch.Tensor]) -> list[int]:
@@ -289,6 +271,17 @@ def init_weights_from(
         if k in state_dict and k in own and state_dict[k].shape != own[k].shape
     ]
     reinitialised, missing, unexpected = _load_keeping_backbone(model, state_dict)
+    shapes = [
+        f"{k} {list(state_dict[k].shape)} vs {list(own[k].shape)}"
+        for k in unexpected
+        if k in own and k in state_dict
+    ]
+    if shapes:
+        raise UserInputError(
+            f"{source} was trained with another model size: tensor shapes differ (file vs "
+            f"model: {', '.join(shapes[:3])}); initialise from a checkpoint of the same "
+            "architecture, or set model_name/model_kwargs to the file's"
+        )
     if missing or unexpected:
         raise UserInputError(
             f"{source} does not fit model {type(model).__name__}: missing {missing[:4]}, "
