@@ -404,10 +404,12 @@ class RunLock:
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.path = Path(run_dir) / ".lock"
+        self._made_folder = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> RunLock:
+        self._made_folder = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
         for _ in range(3):
@@ -434,6 +436,8 @@ class RunLock:
         holder = self._holder()
         if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
             with_suppress_unlink(self.path)
+            if self._made_folder and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()  # a run that failed before writing anything
         if self in _HELD:
             _HELD.remove(self)
 
