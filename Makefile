@@ -1,5 +1,6 @@
-# make train: the CPU quickstart (offline digits, a few minutes); make test: the test suite.
-# Both create .venv with plain pip on first use; a stamp file skips the install afterwards
+# make train: the CPU quickstart (offline digits, a few minutes); make test: the fast tests
+# (-m "not slow"); make test-all: every test, slow ones included (what .ci/run runs).
+# All create .venv with plain pip on first use; a stamp file skips the install afterwards
 # until pyproject.toml changes.
 
 PYTHON ?= python3
@@ -8,12 +9,15 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: train test lint install clean
+.PHONY: train test test-all lint install clean
 
 train: $(STAMP)
 	$(BIN)/python cli.py fit --config configs/quickstart.yaml
 
 test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

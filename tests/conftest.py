@@ -1,16 +1,46 @@
-"""Shared fixtures: tiny on-disk datasets in the exact formats the real ones use."""
+"""Shared fixtures: `cli.py` in this process, and tiny on-disk datasets in the exact formats
+the real ones use."""
 
 import hashlib
 import pickle
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import CliResult, run_cli_in_process
 from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100
+
+from refiner_pl.callbacks import cpu_memory
+
+
+@pytest.fixture(autouse=True, scope="session")
+def malloc_defaults_in_the_test_process() -> Iterator[None]:
+    """CLI runs in this process leave glibc's malloc as it is.
+
+    `KeepFreedMemory` (on by default in CPU runs) switches it for good, process-wide: the test
+    process would keep its peak footprint, and the benchmark tests would measure another
+    allocator. tests/callbacks/test_cpu_memory.py checks the switch in its own interpreter.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_memory, "keep_freed_memory", lambda: False)
+        yield
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path) -> Callable[..., CliResult]:
+    """``run_cli(*args, cwd=tmp_path)``: ``python cli.py ARGS`` run in this process (through
+    `refiner_pl.cli.main`) in `cwd`; returns the exit status and the output. A bad input
+    reads as ``result.error``, the single ``error:`` line of an exit with status 2."""
+
+    def run(*args: str, cwd: Path | None = None) -> CliResult:
+        return run_cli_in_process(*args, cwd=cwd or tmp_path)
+
+    return run
+
 
 CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",

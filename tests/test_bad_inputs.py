@@ -1,46 +1,31 @@
-"""The README's bad-input table, through `cli.py` as a user runs it.
+"""The README's bad-input table, through `cli.py` as a user runs it (in this process).
 
 Each case must end with exactly one `error:` line naming the problem and its fix, exit
 status 2, no traceback, and nothing written: no run folder, no checkpoint touched.
 """
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import timm
 import torch
-from test_cli import QUIET, cli
+from helpers import QUICKSTART, QUIET, RELEASE_FIXTURE, DigitsWithNaN, run_cli_in_process
 
-from refiner_pl.data import DigitsDataModule
 from refiner_pl.module import ImageClassifier
-
-REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 
 
 def fails_cleanly(tmp_path: Path, *args: str) -> str:
+    """The one ``error:`` line of ``cli.py ARGS`` run in `tmp_path`, which holds an earlier
+    run's checkpoint that must stay untouched."""
     existing = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
     existing.parent.mkdir(parents=True)
     existing.write_bytes(b"an earlier run's checkpoint")
-    result = subprocess.run(
-        [sys.executable, str(REPO / "cli.py"), *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
+    line = run_cli_in_process(*args, cwd=tmp_path).error
     assert existing.read_bytes() == b"an earlier run's checkpoint"
     assert sorted(p.name for p in (tmp_path / "runs" / "quickstart").iterdir()) == ["version_0"]
-    return errors[0]
+    return line
 
 
 def test_missing_data_dir(tmp_path):
@@ -147,7 +132,7 @@ def test_truncated_checkpoint(tmp_path):
 
 
 def test_release_weights_given_as_ckpt_path(tmp_path):
-    release = str(REPO / "tests" / "fixtures" / "official_refiner_tiny.pt")
+    release = str(RELEASE_FIXTURE)
     line = fails_cleanly(tmp_path, "validate", "--config", QUICKSTART, "--ckpt_path", release)
     assert "is not a Lightning checkpoint written by `fit`" in line
     assert "--model.init_from" in line
@@ -180,47 +165,19 @@ def test_empty_dataset_dir(tmp_path):
 
 
 # ------------------------------------------------------------- bad data met during training
-def stops_cleanly(result: subprocess.CompletedProcess) -> str:
-    """One ``error:`` line, exit status 2, no traceback: the run stopped on bad data."""
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
-
-
-class DigitsWithNaN(DigitsDataModule):
-    """The digits with one training image of NaNs, as a damaged float input would be."""
-
-    def __init__(
-        self, nan_index: int = 0, img_size: int = 32, batch_size: int = 64, num_workers: int = 0
-    ) -> None:
-        super().__init__(img_size=img_size, batch_size=batch_size, num_workers=num_workers)
-        self.nan_index = nan_index
-
-    def _build_split(self, split):
-        dataset = super()._build_split(split)
-        if split == "train":
-            dataset.images = dataset.images.clone()
-            dataset.images[self.nan_index] = float("nan")
-        return dataset
-
-
 @pytest.mark.slow
-def test_nan_in_the_input(tmp_path, monkeypatch):
+def test_nan_in_the_input(run_cli, tmp_path, monkeypatch):
     # The image that the run's epoch-0 order puts first in batch 5.
     monkeypatch.setenv("PL_GLOBAL_SEED", "42")  # the quickstart's seed_everything
     data = DigitsWithNaN()
     data.setup("fit")
     nan_index = [index for index, _ in data.train_dataloader().sampler][5 * 64]
 
-    result = cli(
-        "fit", "--config", QUICKSTART, "--data", "test_bad_inputs.DigitsWithNaN",
+    line = run_cli(
+        "fit", "--config", QUICKSTART, "--data", "helpers.DigitsWithNaN",
         "--data.nan_index", str(nan_index), "--trainer.max_epochs", "1",
         "--model.warmup_epochs", "0.5", "--step_checkpoint.every_n_train_steps", "2", *QUIET,
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO / "tests")},
-    )  # fmt: skip
-    line = stops_cleanly(result)
+    ).error  # fmt: skip
     assert "training stopped: the loss is nan at epoch 0, batch 5 (global step 5)" in line
     # one 3x32x32 image, less the border the random affine fills with zeros
     held = re.search(r"the batch holds (\d+) NaN/inf input values: fix or drop", line)
@@ -233,16 +190,15 @@ def test_nan_in_the_input(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
 
 
-@pytest.mark.slow
-def test_training_image_that_fails_to_decode(tmp_path, jpeg_tree):
+def test_training_image_that_fails_to_decode(run_cli, jpeg_tree):
     broken = sorted((jpeg_tree.path / "train").rglob("*.JPEG"))[4]
     broken.write_bytes(broken.read_bytes()[:100])
-    result = cli(
+    # data.num_workers 1: the error line is the same when a worker process met the file
+    line = run_cli(
         "fit", "--config", QUICKSTART, "--data", "refiner_pl.data.ImageNetDataModule",
         "--data.data_dir", str(jpeg_tree.path), "--data.batch_size", "4",
         "--data.num_workers", "1", "--trainer.max_epochs", "1", "--model.warmup_epochs", "0.5",
-        *QUIET, cwd=tmp_path,
-    )  # fmt: skip
-    line = stops_cleanly(result)  # also when a worker process met the file
+        *QUIET,
+    ).error  # fmt: skip
     assert f"cannot decode image '{broken}'" in line
     assert "or set data.bad_images: skip to train without it" in line

@@ -23,17 +23,24 @@ import pytest
 import timm
 import torch
 import yaml
+from helpers import (
+    QUICKSTART,
+    QUIET,
+    REPO,
+    CliResult,
+    imagenet_recipe,
+    logged_metric,
+    run_cli_subprocess,
+)
 from jsonargparse import ArgumentParser
 from lightning.pytorch.plugins import TorchSyncBatchNorm
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
-from test_cli import QUICKSTART, QUIET, cli, logged_metric
 from torch import nn
 
 from refiner_pl.cli import main
 from refiner_pl.data import DigitsDataModule
 from refiner_pl.models.refiner_vit import RefinerBlock
 
-REPO = Path(__file__).resolve().parents[1]
 TWO_PROCESSES = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
 # Short fits: few train batches, full validation; no warmup, so one epoch is a valid schedule.
 SHORT = ["--trainer.limit_train_batches", "3", "--model.warmup_epochs", "0", *QUIET]
@@ -65,10 +72,9 @@ def wait_for_all(processes: list[subprocess.Popen], timeout: float = 600) -> Non
         time.sleep(0.2)
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    result = cli(*args, cwd=cwd, env=single_thread_env())
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def run_separately(*args: str, cwd: Path) -> CliResult:
+    """A successful ``cli.py ARGS`` in a fresh interpreter (DDP starts its ranks from it)."""
+    return run_cli_subprocess(*args, cwd=cwd, env=single_thread_env()).check()
 
 
 def load(path: Path) -> dict:
@@ -92,10 +98,10 @@ def best_val_acc1(checkpoint: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def ddp_run(tmp_path_factory) -> tuple[Path, CliResult]:
     """A 2-process DDP quickstart fit (2 epochs of 3 steps); its run folder and result."""
     cwd = tmp_path_factory.mktemp("ddp")
-    fit = run_cli(
+    fit = run_separately(
         "fit", "--config", QUICKSTART, *TWO_PROCESSES, "--trainer.max_epochs", "2", *SHORT, cwd=cwd
     )
     return cwd / "runs" / "quickstart" / "version_0", fit
@@ -111,7 +117,7 @@ def test_ddp_fit_on_two_cpu_processes(ddp_run):
 
 
 @pytest.mark.slow
-def test_two_node_torchrun_fit_then_single_process_validate(tmp_path):
+def test_two_node_torchrun_fit_then_single_process_validate(run_cli, tmp_path):
     """scripts/torchrun_2x8.sh with one CPU process per node: two launchers, ``torchrun
     --nnodes 2 --node_rank 0|1 --nproc_per_node 1 --master_addr 127.0.0.1 --master_port P
     cli.py fit ...``, meet on loopback; Lightning takes the ranks from torchrun's environment
@@ -145,8 +151,7 @@ def test_two_node_torchrun_fit_then_single_process_validate(tmp_path):
     [best] = (tmp_path / "runs" / "quickstart" / "version_0").glob("checkpoints/epoch=*.ckpt")
     stored = load(best)
     assert stored["global_step"] == 3
-    result = run_cli("validate", "--config", QUICKSTART, "--ckpt_path", str(best), *QUIET,
-                     cwd=tmp_path)  # fmt: skip
+    result = run_cli("validate", "--config", QUICKSTART, "--ckpt_path", str(best), *QUIET).check()
     # The fit's 2-rank validation scored the same weights the one process scores now.
     assert logged_metric(result.stdout, "val/acc1") == pytest.approx(
         best_val_acc1(stored), abs=1e-6
@@ -168,15 +173,15 @@ def test_eval_loaders_give_each_image_to_exactly_one_rank():
 
 
 @pytest.mark.slow
-def test_ddp_validate_matches_one_process_on_an_uneven_val_split(ddp_run, tmp_path):
+def test_ddp_validate_matches_one_process_on_an_uneven_val_split(run_cli, ddp_run, tmp_path):
     data = DigitsDataModule(val_fraction=0.2006)
     data.setup("validate")
     assert len(data.val_set) % 2 == 1  # the two ranks get different numbers of images
 
     args = ["validate", "--config", QUICKSTART, *ODD_VAL, *QUIET]
     args += ["--ckpt_path", str(ddp_run[0] / "checkpoints" / "last.ckpt")]
-    one = logged_metric(run_cli(*args, cwd=tmp_path).stdout, "val/acc1")
-    two = run_cli(*args, *TWO_PROCESSES, cwd=tmp_path)
+    one = logged_metric(run_cli(*args).check().stdout, "val/acc1")
+    two = run_separately(*args, *TWO_PROCESSES, cwd=tmp_path)
     assert "Starting with 2 processes" in two.stdout + two.stderr
     assert logged_metric(two.stdout, "val/acc1") == pytest.approx(one, abs=1e-6)
     results = [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/*/validate_results.json")]
@@ -186,7 +191,7 @@ def test_ddp_validate_matches_one_process_on_an_uneven_val_split(ddp_run, tmp_pa
 
 @pytest.mark.slow
 def test_ddp_predict_writes_one_csv_of_every_image(ddp_run, tmp_path, mixed_image_folder):
-    run_cli("predict", "--config", QUICKSTART, *TWO_PROCESSES, *QUIET,
+    run_separately("predict", "--config", QUICKSTART, *TWO_PROCESSES, *QUIET,
             "--ckpt_path", str(ddp_run[0] / "checkpoints" / "last.ckpt"),
             "--data.predict_dir", str(mixed_image_folder.path), cwd=tmp_path)  # fmt: skip
     written = sorted(tmp_path.glob("runs/quickstart/*/*.csv"))
@@ -199,7 +204,7 @@ def test_ddp_predict_writes_one_csv_of_every_image(ddp_run, tmp_path, mixed_imag
 
 
 @pytest.mark.slow
-def test_resume_on_another_world_size(ddp_run, tmp_path):
+def test_resume_on_another_world_size(run_cli, ddp_run, tmp_path):
     """DDP checkpoint -> one process -> DDP again, each continuing the stored loop state."""
     written_by_ddp = tmp_path / "ddp.ckpt"
     shutil.copy(ddp_run[0] / "checkpoints" / "last.ckpt", written_by_ddp)
@@ -207,14 +212,15 @@ def test_resume_on_another_world_size(ddp_run, tmp_path):
     two_steps = ["--trainer.limit_train_batches", "2"]
 
     run_cli("fit", "--config", QUICKSTART, "--ckpt_path", str(written_by_ddp), *SHORT, *two_steps,
-            "--trainer.max_epochs", str(start[0] + 2), cwd=tmp_path)  # fmt: skip
+            "--trainer.max_epochs", str(start[0] + 2)).check()  # fmt: skip
     last = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
     single = loop_state(last)
     # One more epoch of 2 steps; from scratch it would be 2 epochs, 4 steps in all.
     assert single == (start[0] + 1, start[1] + 2)
 
-    run_cli("fit", "--config", QUICKSTART, "--ckpt_path", str(last), *TWO_PROCESSES, *SHORT,
-            *two_steps, "--trainer.max_epochs", str(start[0] + 3), cwd=tmp_path)  # fmt: skip
+    run_separately("fit", "--config", QUICKSTART, "--ckpt_path", str(last), *TWO_PROCESSES,
+                   *SHORT, *two_steps, "--trainer.max_epochs", str(start[0] + 3),
+                   cwd=tmp_path)  # fmt: skip
     assert loop_state(last) == (single[0] + 1, single[1] + 2)  # resumed in place: same folder
 
 
@@ -290,7 +296,7 @@ def test_fsdp_config_shards_each_block():
 
 def test_fsdp_launch_for_the_448_fine_tuning_composes(capsys):
     """The documented FSDP launch: the 448 px recipe with the FSDP trainer layered on top."""
-    args = ["fit", "--config", str(REPO / "configs/imagenet/finetune_refiner_vit_l_448.yaml")]
+    args = ["fit", *imagenet_recipe("finetune_refiner_vit_l_448")]
     args += ["--trainer", str(FSDP_CONFIG), "--ema", "null", "--print_config"]
     with pytest.raises(SystemExit) as exit_:
         main(args)

@@ -1,4 +1,5 @@
-"""Scoring and predicting through `cli.py`, as a user runs them, on the quickstart checkpoint."""
+"""Scoring and predicting through `cli.py`, as a user runs them (in this process), on the
+quickstart checkpoint."""
 
 import csv
 import json
@@ -6,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import QUICKSTART, QUIET, SHORT, cli
+from helpers import QUICKSTART, QUIET, RELEASE_FIXTURE, SHORT, run_cli_in_process
 
 from refiner_pl.data import ImageFolderDataModule
 from refiner_pl.data.predict import ImageFiles
 from refiner_pl.models import from_official_checkpoint
 
-FIXTURE = Path(__file__).parent / "fixtures" / "official_refiner_tiny.pt"
 # The fixture's architecture: a refiner_vit_tiny 48 wide, refiners in blocks 2 and 4.
 RELEASE_TINY = (
     '{"embed_dim": 48, "mlp_ratio": 3.0, "block_types": ["plain", "shared", "plain", "shared"]}'
@@ -25,8 +25,8 @@ pytestmark = pytest.mark.slow
 def quickstart_run(tmp_path_factory) -> Path:
     """One short quickstart fit (1 epoch, 3 train batches, full validation); its run folder."""
     cwd = tmp_path_factory.mktemp("evaluate")
-    fit = cli("fit", "--config", QUICKSTART, "--trainer.max_epochs", "1", *SHORT, cwd=cwd)
-    assert fit.returncode == 0, fit.stderr
+    fit = ("fit", "--config", QUICKSTART, "--trainer.max_epochs", "1", *SHORT)
+    run_cli_in_process(*fit, cwd=cwd).check()
     return cwd / "runs" / "quickstart" / "version_0"
 
 
@@ -44,9 +44,10 @@ def test_validate_writes_json_that_matches_the_checkpoint(quickstart_run):
         if key.startswith("ModelCheckpoint") and state.get("monitor") == "val/acc1"
     ]
 
-    result = cli("validate", "--config", QUICKSTART, "--ckpt_path", str(best), *QUIET,
-                 cwd=quickstart_run.parents[2])  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    result = run_cli_in_process(
+        "validate", "--config", QUICKSTART, "--ckpt_path", str(best), *QUIET,
+        cwd=quickstart_run.parents[2],
+    ).check()  # fmt: skip
     [path] = quickstart_run.parent.glob("version_*/validate_results.json")
     assert str(path.relative_to(quickstart_run.parents[2])) in result.stdout
     results = json.loads(path.read_text())
@@ -62,12 +63,11 @@ def test_validate_writes_json_that_matches_the_checkpoint(quickstart_run):
 
 
 def test_predict_on_a_folder_skips_and_lists_bad_files(quickstart_run, mixed_image_folder):
-    result = cli(
+    result = run_cli_in_process(
         "predict", "--config", QUICKSTART, "--ckpt_path", "last",
         "--data.predict_dir", str(mixed_image_folder.path), *QUIET,
         cwd=quickstart_run.parents[2],
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    ).check()  # fmt: skip
     [run] = [p for p in quickstart_run.parent.glob("version_*") if (p / "predictions.csv").exists()]
     assert f"-> {run.relative_to(quickstart_run.parents[2])}/predictions.csv" in result.stdout
     total = len(mixed_image_folder.good) + len(mixed_image_folder.bad)
@@ -92,9 +92,10 @@ def test_predict_on_a_folder_skips_and_lists_bad_files(quickstart_run, mixed_ima
 
 
 def test_predict_without_a_folder_predicts_the_val_split(quickstart_run):
-    result = cli("predict", "--config", QUICKSTART, "--ckpt_path", "last", *QUIET,
-                 cwd=quickstart_run.parents[2])  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    run_cli_in_process(
+        "predict", "--config", QUICKSTART, "--ckpt_path", "last", *QUIET,
+        cwd=quickstart_run.parents[2],
+    ).check()  # fmt: skip
     [run] = [
         p for p in quickstart_run.parent.glob("version_*")
         if (p / "predictions.csv").exists() and len(read_csv(p / "predictions.csv")) == 360
@@ -108,10 +109,10 @@ def test_predict_without_a_folder_predicts_the_val_split(quickstart_run):
 
 
 def test_release_checkpoint_scores_a_folder_like_from_official_checkpoint(
-    tmp_path, make_image_tree
+    run_cli, tmp_path, make_image_tree
 ):
     """`--model.init_from release.pth` gives the logits `from_official_checkpoint` gives."""
-    release = torch.load(FIXTURE, weights_only=True)
+    release = torch.load(RELEASE_FIXTURE, weights_only=True)
     torch.save({"model": release["state_dict"]}, tmp_path / "release.pth")  # the release layout
     tree = make_image_tree(tmp_path / "data", [f"class_{i}" for i in range(10)],
                            {"train": 1, "val": 2}, ext=".png")  # fmt: skip
@@ -120,12 +121,9 @@ def test_release_checkpoint_scores_a_folder_like_from_official_checkpoint(
     model_args = ["--model.model_kwargs", RELEASE_TINY,
                   "--model.init_from", str(tmp_path / "release.pth")]  # fmt: skip
 
-    validate = cli("validate", "--config", QUICKSTART, *data_args, *model_args, *QUIET,
-                   cwd=tmp_path)  # fmt: skip
-    assert validate.returncode == 0, validate.stderr
-    predict = cli("predict", "--config", QUICKSTART, *data_args, *model_args, *QUIET,
-                  "--data.predict_dir", str(tree.path / "val"), cwd=tmp_path)  # fmt: skip
-    assert predict.returncode == 0, predict.stderr
+    run_cli("validate", "--config", QUICKSTART, *data_args, *model_args, *QUIET).check()
+    run_cli("predict", "--config", QUICKSTART, *data_args, *model_args, *QUIET,
+            "--data.predict_dir", str(tree.path / "val")).check()  # fmt: skip
 
     data = ImageFolderDataModule(str(tree.path), img_size=32, num_workers=0)
     files = ImageFiles(tree.path / "val", data.eval_transform)

@@ -1,19 +1,20 @@
 """`python -m refiner_pl.export`: ONNX, torch.export and TorchScript files that compute what
 PyTorch computes, at batch sizes other than the traced one."""
 
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
-import onnxruntime
 import pytest
 import timm
 import torch
+from helpers import RELEASE_FIXTURE as RELEASE
 from helpers import quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from refiner_pl.callbacks import EMA, load_ema_weights
 from refiner_pl.export import (
+    ONNX_MODULES,
     TRACE_BATCH,
     ExportMismatchError,
     check_export,
@@ -26,11 +27,17 @@ from refiner_pl.module import ImageClassifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REPO = Path(__file__).resolve().parents[1]
-RELEASE = REPO / "tests" / "fixtures" / "official_refiner_tiny.pt"
 ATOL = 1e-4
 BATCHES = (1, 5)  # both differ from the traced batch
 assert TRACE_BATCH not in BATCHES
+
+
+@pytest.fixture
+def onnx_extra():
+    """The ``[export]`` extra, which ONNX needs; without it the ONNX tests are skipped."""
+    for module in ONNX_MODULES:
+        pytest.importorskip(module)
+    return sys.modules["onnxruntime"]
 
 
 def images(batch: int, seed: int = 7) -> torch.Tensor:
@@ -88,10 +95,10 @@ def trained_network(ckpt: Path, ema: bool) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------- ONNX
-def test_onnx_of_the_tiny_model_matches_pytorch_at_two_batch_sizes(tmp_path):
+def test_onnx_of_the_tiny_model_matches_pytorch_at_two_batch_sizes(onnx_extra, tmp_path):
     network = randomised_tiny()
     path = export_network(network, tmp_path / "tiny.onnx", "onnx", (3, 32, 32))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnx_extra.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (inputs,) = session.get_inputs()
     assert inputs.name == "images" and isinstance(inputs.shape[0], str)  # a symbolic batch
     assert inputs.shape[1:] == [3, 32, 32]
@@ -104,7 +111,7 @@ def test_onnx_of_the_tiny_model_matches_pytorch_at_two_batch_sizes(tmp_path):
         assert (torch.from_numpy(logits) - expected).abs().max().item() <= ATOL
 
 
-def test_command_exports_the_ema_weights_of_a_trained_checkpoint(trained_ckpt, capsys):
+def test_command_exports_the_ema_weights_of_a_trained_checkpoint(onnx_extra, trained_ckpt, capsys):
     main(["--ckpt_path", str(trained_ckpt)])
     path = trained_ckpt.with_name("tiny-ema.onnx")  # the default name says which weights
     assert str(path) in capsys.readouterr().out
@@ -114,7 +121,7 @@ def test_command_exports_the_ema_weights_of_a_trained_checkpoint(trained_ckpt, c
     assert max_diff(path, "onnx", raw, 5) > 1e-3  # the EMA weights, not the raw ones
 
 
-def test_command_exports_the_raw_weights_when_asked(trained_ckpt, tmp_path):
+def test_command_exports_the_raw_weights_when_asked(onnx_extra, trained_ckpt, tmp_path):
     out = tmp_path / "nested" / "raw.onnx"
     main(["--ckpt_path", str(trained_ckpt), "--ema", "false", "--out", str(out), "--opset", "18"])
     raw = trained_network(trained_ckpt, ema=False)
@@ -122,7 +129,7 @@ def test_command_exports_the_raw_weights_when_asked(trained_ckpt, tmp_path):
         assert max_diff(out, "onnx", raw, batch) <= ATOL
 
 
-def test_release_checkpoint_exports(tmp_path):
+def test_release_checkpoint_exports(onnx_extra, tmp_path):
     out = tmp_path / "release.onnx"
     main(["--ckpt_path", str(RELEASE), "--out", str(out)])
     network = from_official_checkpoint(RELEASE)
@@ -168,15 +175,11 @@ def error_line(capsys, *args: str, status: int = 2) -> str:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--ckpt_path", "no/such.ckpt"], "checkpoint 'no/such.ckpt' does not exist"),
         (["--ckpt_path", str(RELEASE), "--format", "tflite"], "Got value: tflite"),
-        (["--ckpt_path", str(RELEASE), "--opset", "12"], "--opset 12 is not available"),
         (
             ["--ckpt_path", str(RELEASE), "--format", "torchscript", "--opset", "18"],
             "--opset applies to ONNX only",
         ),
-        (["--ckpt_path", str(RELEASE), "--ema", "true"], "leave --ema out"),
-        (["--ckpt_path", str(RELEASE), "--out", str(RELEASE)], "would overwrite the checkpoint"),
         (
             ["--ckpt_path", str(RELEASE), "--format", "exported_program", "--out", "x.onnx"],
             "torch.export archives must end in .pt2",
@@ -187,7 +190,20 @@ def test_bad_input_is_one_error_line(capsys, args, expected):
     assert expected in error_line(capsys, *args)
 
 
-def test_truncated_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--ckpt_path", "no/such.ckpt"], "checkpoint 'no/such.ckpt' does not exist"),
+        (["--ckpt_path", str(RELEASE), "--opset", "12"], "--opset 12 is not available"),
+        (["--ckpt_path", str(RELEASE), "--ema", "true"], "leave --ema out"),
+        (["--ckpt_path", str(RELEASE), "--out", str(RELEASE)], "would overwrite the checkpoint"),
+    ],
+)
+def test_bad_input_to_the_default_onnx_export_is_one_error_line(onnx_extra, capsys, args, expected):
+    assert expected in error_line(capsys, *args)
+
+
+def test_truncated_checkpoint(onnx_extra, tmp_path, capsys):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(RELEASE.read_bytes()[:5000])
     assert "the file is truncated or not a PyTorch checkpoint" in error_line(
@@ -195,7 +211,7 @@ def test_truncated_checkpoint(tmp_path, capsys):
     )
 
 
-def test_ema_true_without_ema_weights(tmp_path, capsys):
+def test_ema_true_without_ema_weights(onnx_extra, tmp_path, capsys):
     module = ImageClassifier(
         model_name="refiner_vit_tiny", num_classes=10, img_size=32, sched="none"
     )
@@ -206,17 +222,15 @@ def test_ema_true_without_ema_weights(tmp_path, capsys):
     assert not list(tmp_path.glob("*.onnx"))
 
 
-@pytest.mark.slow
-def test_module_entry_point_reports_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "refiner_pl.export", "--ckpt_path", "missing.ckpt"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2
-    assert result.stderr.splitlines() == [
+@pytest.mark.filterwarnings("ignore:'refiner_pl.export' found in sys.modules:RuntimeWarning")
+def test_module_entry_point_reports_one_line(onnx_extra, tmp_path, monkeypatch, capsys):
+    # `python -m refiner_pl.export ...`, run as __main__ in this process
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["refiner_pl.export", "--ckpt_path", "missing.ckpt"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("refiner_pl.export", run_name="__main__")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
         "error: checkpoint 'missing.ckpt' does not exist: check --ckpt_path"
     ]
 

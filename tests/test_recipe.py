@@ -1,8 +1,8 @@
 """A short run of the Refiner-ViT-S ImageNet recipe, in-process through the real CLI.
 
-configs/imagenet/refiner_vit_s.yaml as released (the full timm train transform on JPEGs,
-Mixup/CutMix, label smoothing, AdamW, warmup + cosine + cooldown, EMA 0.99996), only shrunk
-to 32 px, batches of 4, one CPU and 4 short epochs, then ``validate`` on the EMA weights.
+configs/imagenet/base.yaml with refiner_vit_s.yaml, as released (the full timm train transform
+on JPEGs, Mixup/CutMix, label smoothing, AdamW, warmup + cosine + cooldown, EMA 0.99996), only
+shrunk to 32 px, batches of 4, one CPU and 4 short epochs, then ``validate`` on the EMA weights.
 """
 
 import math
@@ -12,22 +12,21 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from helpers import CONFIGS, QUIET, imagenet_recipe
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from refiner_pl.callbacks import EMA, load_ema_weights
 from refiner_pl.cli import RefinerCLI
 from refiner_pl.module import ImageClassifier
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "configs" / "imagenet" / "refiner_vit_s.yaml"
+RECIPE = imagenet_recipe("refiner_vit_s")
 SMALL = ["--data.img_size", "32", "--data.batch_size", "4", "--data.num_workers", "0"]
 ONE_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
            "--trainer.precision", "32-true"]  # fmt: skip
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
 def test_recipe_config_carries_the_release_regularisation():
-    config = yaml.safe_load(RECIPE.read_text())
+    config = yaml.safe_load((CONFIGS / "imagenet" / "base.yaml").read_text())
     model = config["model"]["init_args"]
     assert (model["mixup_alpha"], model["cutmix_alpha"], model["mixup_switch_prob"]) == (
         0.8, 1.0, 0.5
@@ -41,7 +40,7 @@ def test_recipe_config_carries_the_release_regularisation():
 @pytest.mark.usefixtures("one_thread")
 def test_short_recipe_run_trains_schedules_and_validates_the_ema(tmp_path, monkeypatch, jpeg_tree):
     monkeypatch.chdir(tmp_path)
-    common = ["--config", str(RECIPE), "--data.data_dir", str(jpeg_tree.path), *SMALL, *ONE_CPU]
+    common = [*RECIPE, "--data.data_dir", str(jpeg_tree.path), *SMALL, *ONE_CPU]
     # 12 train images in batches of 4: 3 optimizer steps per epoch, 12 in all: 3 of warmup,
     # 6 of cosine decay, 3 of cooldown at min_lr. One checkpoint (last.ckpt) at the end.
     fit = RefinerCLI(

@@ -12,8 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import quiet_trainer
-from test_cli import QUICKSTART, SHORT, cli
+from helpers import QUICKSTART, REPO, SHORT, quiet_trainer
 from timm.data import Mixup
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -25,8 +24,6 @@ from refiner_pl.data.folder import UndecodableImage
 from refiner_pl.errors import UserInputError
 from refiner_pl.module import ImageClassifier
 from refiner_pl.seeding import seed_step
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ per-step, per-rank RNG
@@ -89,6 +86,7 @@ while True:  # nothing but saves, so a kill at any moment lands inside one
 """
 
 
+@pytest.mark.slow
 def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "last.ckpt"
     for _attempt in range(5):
@@ -267,13 +265,12 @@ def test_unknown_bad_images_mode(jpeg_tree):
 
 # ------------------------------------------------------------------------ output folders
 @pytest.mark.slow
-def test_a_checkpoint_folder_outside_the_run_folder_is_named(tmp_path):
+def test_a_checkpoint_folder_outside_the_run_folder_is_named(run_cli, tmp_path):
     elsewhere = tmp_path / "elsewhere"
-    result = cli(
+    result = run_cli(
         "fit", "--config", QUICKSTART, *SHORT, "--trainer.max_epochs", "1",
-        "--checkpoint.dirpath", str(elsewhere), cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+        "--checkpoint.dirpath", str(elsewhere),
+    ).check()  # fmt: skip
     run = (tmp_path / "runs" / "quickstart" / "version_0").resolve()
     assert f"checkpoints go to {elsewhere.resolve()}, outside the run folder {run}" in result.stderr
     assert list(elsewhere.glob("epoch=0-*.ckpt"))

@@ -10,8 +10,8 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from helpers import CLI, QUICKSTART, QUIET, SHORT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_cli import CLI, QUICKSTART, QUIET, SHORT, cli
 
 from refiner_pl.data import DigitsDataModule
 
@@ -45,7 +45,7 @@ def _final_val_acc1(run: Path) -> float:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(run_cli, one_thread, tmp_path):
     # 2 epochs of 6 steps, a step checkpoint every 4 steps, killed after step 10: the run
     # resumes from the checkpoint of step 8, inside epoch 1, and replays steps 9 to 12.
     args = [
@@ -84,8 +84,8 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert (saved["epoch"], saved["global_step"]) == (1, 8)  # the middle of epoch 1
 
-    resumed = cli(*args, "--ckpt_path", "last", cwd=folders["killed"], env=env)
-    assert resumed.returncode == 0, resumed.stderr
+    # in this process, on one thread as the two runs above
+    resumed = run_cli(*args, "--ckpt_path", "last", cwd=folders["killed"]).check()
     assert "Restored all states" in resumed.stderr
     assert "dataloader is not resumable" not in resumed.stderr
 
@@ -103,15 +103,13 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_fit_into_a_run_folder_with_a_last_checkpoint_resumes_it(tmp_path):
+def test_fit_into_a_run_folder_with_a_last_checkpoint_resumes_it(run_cli, tmp_path):
     args = ["fit", "--config", QUICKSTART, *SHORT, "--trainer.logger.init_args.version", "job"]
     args += ["--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0"]
-    first = cli(*args, "--trainer.max_epochs", "1", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
+    run_cli(*args, "--trainer.max_epochs", "1").check()
 
     # The same command again, as a requeued job runs it, with a longer schedule.
-    again = cli(*args, "--trainer.max_epochs", "2", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
+    again = run_cli(*args, "--trainer.max_epochs", "2").check()
     last = tmp_path / "runs" / "quickstart" / "job" / "checkpoints" / "last.ckpt"
     assert f"resuming from {last.relative_to(tmp_path)}" in again.stderr
     assert "Restored all states" in again.stderr

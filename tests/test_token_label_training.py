@@ -5,14 +5,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import imagenet_recipe
 
 from refiner_pl.cli import main
 from refiner_pl.data import ImageNetDataModule
 from refiner_pl.data.token_label import label_map_path, save_label_map
 from refiner_pl.errors import UserInputError
 from refiner_pl.module import ImageClassifier
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_maps(tree: Path, label_dir: Path, skip: str | None = None) -> None:
@@ -96,7 +95,7 @@ def test_imagenet_config_trains_with_token_labels(jpeg_tree, tmp_path, monkeypat
     write_maps(jpeg_tree.path, label_dir)
     monkeypatch.chdir(tmp_path)
     main([
-        "fit", "--config", str(REPO / "configs/imagenet/refiner_vit_s.yaml"),
+        "fit", *imagenet_recipe("refiner_vit_s"),
         "--data.data_dir", str(jpeg_tree.path), "--data.token_label_dir", str(label_dir),
         "--data.img_size", "32", "--data.batch_size", "4", "--data.num_workers", "0",
         "--model.model_name", "refiner_vit_tiny", "--trainer.accelerator", "cpu",

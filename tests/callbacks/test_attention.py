@@ -1,15 +1,10 @@
 """AttentionMonitor: metrics and class-token images in TensorBoard, on the epochs asked for."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import QUICKSTART, quiet_trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_bad_inputs import fails_cleanly
 from torch.utils.data import DataLoader, TensorDataset
 
 from refiner_pl.analysis.attention import attention_summary, collect_attention_maps, series_maps
@@ -19,9 +14,6 @@ from refiner_pl.errors import UserInputError
 from refiner_pl.module import ImageClassifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-REPO = Path(__file__).resolve().parents[2]
-QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 
 
 def tiny(
@@ -151,23 +143,19 @@ def test_a_model_without_attention_maps_is_refused_before_training():
     assert trainer.global_step == 0
 
 
-def test_bad_value_in_the_attention_section_is_one_error_line(tmp_path):
-    line = fails_cleanly(tmp_path, "fit", "--config", QUICKSTART, "--attention.every_n_epochs", "0")
+def test_bad_value_in_the_attention_section_is_one_error_line(run_cli, tmp_path):
+    line = run_cli("fit", "--config", QUICKSTART, "--attention.every_n_epochs", "0").error
     assert "attention.every_n_epochs is 0" in line
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
-@pytest.mark.slow
-def test_the_attention_section_of_a_config_file(tmp_path):
+def test_the_attention_section_of_a_config_file(run_cli, tmp_path):
     (tmp_path / "attention.yaml").write_text("attention:\n  every_n_epochs: 1\n  num_images: 4\n")
-    result = subprocess.run(
-        [sys.executable, str(REPO / "cli.py"), "fit", "--config", QUICKSTART,
-         "--config", "attention.yaml", "--trainer.max_epochs", "1",
-         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-         "--model.warmup_epochs", "0.5",
-         "--trainer.enable_progress_bar", "false"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_cli(
+        "fit", "--config", QUICKSTART, "--config", "attention.yaml", "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+        "--model.warmup_epochs", "0.5", "--trainer.enable_progress_bar", "false",
+    ).check()  # fmt: skip
     tags = events(str(tmp_path / "runs" / "quickstart" / "version_0")).Tags()
     assert {"attention_cls/raw", "attention_cls/refined"} <= set(tags["images"])
     layers = [tag for tag in tags["scalars"] if tag.startswith("attention_distance/refined/")]

@@ -6,21 +6,19 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import quiet_trainer
+from helpers import QUICKSTART, QUIET, quiet_trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
 from refiner_pl.callbacks import ConfusionMatrixLogger
 from refiner_pl.callbacks.confusion import most_confused_pairs
-from refiner_pl.cli import main
 from refiner_pl.data import ImageFolderDataModule
 from refiner_pl.errors import UserInputError
 from refiner_pl.module import ImageClassifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REPO = Path(__file__).resolve().parents[2]
 
 # A known batch of 4 classes, worked out by hand: row = true class, column = prediction.
 TARGETS = [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
@@ -148,14 +146,12 @@ def test_fit_logs_class_names_and_the_figure_every_validation(tmp_path, make_ima
 
 
 @pytest.mark.slow
-def test_quickstart_config_logs_the_confusion_matrix(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    main(
-        ["fit", "--config", str(REPO / "configs" / "quickstart.yaml"),
-         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-         "--trainer.limit_val_batches", "2", "--model.warmup_epochs", "0.5",
-         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-    )  # fmt: skip
+def test_quickstart_config_logs_the_confusion_matrix(run_cli, tmp_path):
+    run_cli(
+        "fit", "--config", QUICKSTART, "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+        "--model.warmup_epochs", "0.5", *QUIET,
+    ).check()  # fmt: skip
     logged = events(str(tmp_path / "runs" / "quickstart" / "version_0"))
     assert logged.Tags()["images"] == ["val/confusion_matrix"]
     digits = sorted(t for t in logged.Tags()["scalars"] if t.startswith("val_class_acc/"))

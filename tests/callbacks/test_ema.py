@@ -5,17 +5,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import QUICKSTART
 from helpers import quiet_trainer as trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from refiner_pl.callbacks import EMA, has_ema_weights, load_ema_weights
-from refiner_pl.cli import main
 from refiner_pl.errors import UserInputError
 from refiner_pl.module import ImageClassifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REPO = Path(__file__).resolve().parents[2]
 # One block of the real refiner_vit_tiny; a high constant lr moves the weights visibly.
 TINY = {"model_name": "refiner_vit_tiny", "num_classes": 10, "img_size": 32,
         "model_kwargs": {"depth": 1}, "sched": "none", "lr": 1e-2}  # fmt: skip
@@ -165,7 +164,7 @@ def test_resume_restores_the_average(tmp_path):
     assert ema.num_updates == 12 and resumed.global_step == 12
 
 
-def test_scoring_ema_weights_needs_a_checkpoint_that_has_them(tmp_path, capsys, monkeypatch):
+def test_scoring_ema_weights_needs_a_checkpoint_that_has_them(run_cli, tmp_path):
     plain = trainer(max_epochs=1)
     plain.fit(tiny(), loader(8))
     path = tmp_path / "plain.ckpt"
@@ -177,12 +176,8 @@ def test_scoring_ema_weights_needs_a_checkpoint_that_has_them(tmp_path, capsys, 
         _val_loss(tiny(), [EMA(validate_ema=True)], ckpt_path=path)
 
     # The CLI says so in one line, before validating anything.
-    monkeypatch.chdir(tmp_path)
-    args = ["validate", "--config", str(REPO / "configs" / "quickstart.yaml")]
-    with pytest.raises(SystemExit) as exit_:
-        main([*args, "--ckpt_path", str(path), "--ema.decay", "0.9"])
-    assert exit_.value.code == 2
-    [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    args = ["validate", "--config", QUICKSTART, "--ckpt_path", str(path), "--ema.decay", "0.9"]
+    line = run_cli(*args).error
     assert "no EMA weights" in line and "--ema.validate_ema false" in line
     assert not (tmp_path / "runs").exists()
 
