@@ -47,9 +47,9 @@ def test_cpu_smoke_runs_every_check_and_writes_both_reports(tmp_path):
     assert checks["compile"]["numbers"]["max_rel_loss_diff"] <= device_check.COMPILE_RTOL
     assert "graph_breaks_train_refiner_ckpt" in checks["compile"]["numbers"]
     assert checks["ddp_one_gpu"]["numbers"]["strategy"] == "DDPStrategy"
-    bench = checks["benchmark tiny 32 refiner ckpt compiled"]["numbers"]
+    bench = checks["benchmark tiny 16 refiner ckpt compiled"]["numbers"]
     assert bench["refiner_train_img_s"] > 0 and bench["baseline_infer_img_s"] > 0
-    assert (out / "bench" / "tiny_32_refiner_ckpt_compiled.json").is_file()
+    assert (out / "bench" / "tiny_16_refiner_ckpt_compiled.json").is_file()
 
     markdown = (out / "device_check.md").read_text()
     assert "| resume_last | pass |" in markdown
