@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import yaml
 from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -243,14 +244,16 @@ class RefinerCLI(LightningCLI):
             kwargs["callbacks"] = [*configured, *optional, *kwargs.get("callbacks", [])]
         try:
             return super().instantiate_trainer(**kwargs)
-        except MisconfigurationException as err:
+        except MisconfigurationException as err:  # e.g. a GPU config without a GPU
             accelerator = config.trainer.get("accelerator")
-            if accelerator in (None, "cpu") or "available" not in str(err):
-                raise
+            hint = "fix the trainer section"
+            if accelerator not in (None, "auto", "cpu") and not torch.cuda.is_available():
+                hint = (
+                    "this machine has no GPU: use --trainer configs/trainer/cpu.yaml "
+                    "(or --trainer.accelerator cpu --trainer.precision 32-true)"
+                )
             raise UserInputError(
-                f"trainer.accelerator {accelerator!r}: {first_line(err)}; on this machine "
-                "use --trainer configs/trainer/cpu.yaml (or --trainer.accelerator cpu "
-                "--trainer.precision 32-true)"
+                f"trainer.accelerator {accelerator!r}: {first_line(err)}; {hint}"
             ) from None
 
     # ----------------------------------------------------------------------- fit checks
