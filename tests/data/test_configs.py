@@ -1,15 +1,14 @@
 """configs/data/*.yaml load through LightningCLI exactly as `--data configs/data/<name>.yaml`."""
 
-from pathlib import Path
-
 import lightning as L
 import pytest
+from helpers import CONFIGS
 from lightning.pytorch.cli import LightningCLI
 
 from refiner_pl import data
 from refiner_pl.errors import UserInputError
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "data"
+DATA_CONFIGS = CONFIGS / "data"
 
 
 class _Model(L.LightningModule):
@@ -31,12 +30,12 @@ def _instantiate(config: str, *overrides: str) -> _CLI:
         subclass_mode_data=True,
         run=False,
         save_config_callback=None,
-        args=["--data", str(CONFIGS / config), "--trainer.logger", "false", *overrides],
+        args=["--data", str(DATA_CONFIGS / config), "--trainer.logger", "false", *overrides],
     )
 
 
 def test_every_config_is_covered():
-    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == [
+    assert sorted(p.name for p in DATA_CONFIGS.glob("*.yaml")) == [
         "cifar10.yaml",
         "cifar100.yaml",
         "digits.yaml",
