@@ -65,7 +65,7 @@ def test_probe_counts_the_fused_refiner_on_cpu_training_only():
         torch.nn.functional.cross_entropy(model.train()(x), y).backward()
     with counting_refiner_paths() as eval_paths, torch.no_grad():
         model.eval()(x)
-    assert paths == {"fused": 2} and eval_paths == {"folded": 2}  # tiny: 2 shared blocks
+    assert paths["fused"] == 2 and eval_paths["fused"] == 0  # tiny: 2 shared blocks
 
 
 def test_gpu_profile_is_consistent():
