@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from refiner_pl.checkpoint_io import read_checkpoint
 from refiner_pl.errors import UserInputError, say
 
 CKPT_ALIASES = ("best", "last")
@@ -171,8 +171,8 @@ class _Run:
 def _read_meta(path: Path) -> dict[str, Any]:
     """A checkpoint's plain entries (hyperparameters, callback states) without its tensors."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # damaged or foreign: such a run cannot be chosen
+        return read_checkpoint(path, verify=False)  # memory-mapped: no tensor data is read
+    except UserInputError:  # damaged or foreign: such a run cannot be chosen
         return {}
 
 

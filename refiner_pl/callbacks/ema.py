@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
+from refiner_pl.checkpoint_io import read_checkpoint
 from refiner_pl.errors import UserInputError
 
 STATE_KEY = "EMA"
@@ -278,7 +279,7 @@ def load_ema_weights(checkpoint_path: str | Path) -> dict[str, Tensor]:
     ``ImageClassifier.load_from_checkpoint(path).model.load_state_dict(load_ema_weights(path))``
     gives a module with the EMA weights, e.g. to export them.
     """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(checkpoint_path)
     state = checkpoint.get("callbacks", {}).get(STATE_KEY) or {}
     if not state.get("weights"):
         raise UserInputError(
@@ -290,5 +291,5 @@ def load_ema_weights(checkpoint_path: str | Path) -> dict[str, Tensor]:
 
 def has_ema_weights(checkpoint_path: str | Path) -> bool:
     """Whether a checkpoint carries `EMA` weights (reads no tensor data)."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = read_checkpoint(checkpoint_path, verify=False)  # memory-mapped, no tensor read
     return bool((checkpoint.get("callbacks", {}).get(STATE_KEY) or {}).get("weights"))
