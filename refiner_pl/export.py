@@ -38,11 +38,10 @@ from timm.data import ImageNetInfo, resolve_model_data_config
 from torch import nn
 
 from refiner_pl import runs
-from refiner_pl.callbacks.ema import STATE_KEY as EMA_STATE_KEY
-from refiner_pl.callbacks.ema import load_ema_weights
+from refiner_pl.checkpoint_io import read_checkpoint, verify_digest
 from refiner_pl.errors import UserInputError, reporting_user_errors
-from refiner_pl.models import from_official_checkpoint, read_checkpoint
-from refiner_pl.module import DEPLOYMENT_KEY
+from refiner_pl.models import from_official_checkpoint
+from refiner_pl.module import network_from_checkpoint
 from refiner_pl.runs import CKPT_ALIASES
 
 Format = Literal["onnx", "exported_program", "torchscript"]
@@ -87,8 +86,10 @@ def load_network(ckpt_path: str | Path, ema: bool | None = None) -> LoadedNetwor
             (False), or the EMA weights when the checkpoint has them (None). Release files
             always give their EMA weights when they hold both.
     """
-    checkpoint = read_checkpoint(ckpt_path)  # one clear error for a missing or broken file
+    # one clear error for a missing or unreadable file; the digest is checked once, below
+    checkpoint = read_checkpoint(ckpt_path, verify=False)
     if "pytorch-lightning_version" not in checkpoint:
+        verify_digest(checkpoint, ckpt_path)
         if ema is not None:
             raise UserInputError(
                 f"--ema chooses between the raw and the EMA weights of a Lightning checkpoint, "
@@ -99,19 +100,12 @@ def load_network(ckpt_path: str | Path, ema: bool | None = None) -> LoadedNetwor
         size = _input_size(network)
         return LoadedNetwork(_prepare(network), size, None, _metadata(network, size, {}))
 
-    from refiner_pl.module import ImageClassifier
-
-    has_ema = bool((checkpoint.get("callbacks", {}).get(EMA_STATE_KEY) or {}).get("weights"))
-    deployment = dict(checkpoint.get(DEPLOYMENT_KEY) or {})
-    del checkpoint  # load_from_checkpoint reads the file itself
-    # pretrained=False: the checkpoint brings the weights, nothing is downloaded
-    module = ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", pretrained=False)
-    network = module.model
-    use_ema = has_ema if ema is None else ema
-    if use_ema:
-        network.load_state_dict(load_ema_weights(ckpt_path))  # explains a missing average
-    size = _input_size(network, module.hparams.img_size)
-    return LoadedNetwork(_prepare(network), size, use_ema, _metadata(network, size, deployment))
+    trained = network_from_checkpoint(ckpt_path, ema)
+    network = trained.network
+    size = _input_size(network, trained.hparams.get("img_size"))
+    return LoadedNetwork(
+        _prepare(network), size, trained.ema, _metadata(network, size, trained.deployment)
+    )
 
 
 def _metadata(

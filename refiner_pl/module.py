@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import timm
@@ -26,8 +26,11 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from refiner_pl.callbacks.ema import STATE_KEY as EMA_STATE_KEY
+from refiner_pl.callbacks.ema import load_ema_weights
+from refiner_pl.checkpoint_io import read_checkpoint
 from refiner_pl.data.token_label import LabelMapCrop, TokenLabelMixup, dense_label_targets
-from refiner_pl.errors import UserInputError, say
+from refiner_pl.errors import UserInputError, first_line, say
 from refiner_pl.lightning_compat import ensure_train_dataloader, tensorboard_file_writer
 from refiner_pl.losses import TokenLabelLoss, attention_similarity_penalty
 from refiner_pl.models import init_weights_from
@@ -507,6 +510,43 @@ DEPLOYMENT_KEY = "deployment"
 """Checkpoint key of the class names and preprocessing the network was trained with."""
 
 
+class TrainedNetwork(NamedTuple):
+    """The eval-mode network of a Lightning checkpoint of this project."""
+
+    network: nn.Module
+    hparams: dict[str, Any]
+    ema: bool  # whether `network` holds the checkpoint's EMA weights
+    deployment: dict[str, Any]  # class names and preprocessing (empty for older files)
+
+
+def network_from_checkpoint(ckpt_path: str | Path, ema: bool | None = None) -> TrainedNetwork:
+    """The network of a checkpoint written by ``fit``: its EMA weights (``ema=True``), its raw
+    weights (``False``) or the EMA weights when it has them (``None``)."""
+    checkpoint = read_checkpoint(ckpt_path)  # one line for a missing or damaged file
+    if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
+        raise UserInputError(
+            f"{ckpt_path} is not a Lightning checkpoint of this project (no hyper_parameters or "
+            "state_dict): pass a .ckpt written by `python cli.py fit`"
+        )
+    hparams = dict(checkpoint["hyper_parameters"])
+    has_ema = bool((checkpoint.get("callbacks", {}).get(EMA_STATE_KEY) or {}).get("weights"))
+    deployment = dict(checkpoint.get(DEPLOYMENT_KEY) or {})
+    del checkpoint  # load_from_checkpoint reads the weights itself
+    try:  # pretrained=False: the checkpoint brings the weights, nothing is downloaded
+        module = ImageClassifier.load_from_checkpoint(
+            ckpt_path, map_location="cpu", pretrained=False, weights_only=True
+        )
+    except (TypeError, KeyError, RuntimeError) as err:  # another module, or mismatched weights
+        raise UserInputError(
+            f"{ckpt_path} does not rebuild as an ImageClassifier ({first_line(err)[:200]}): "
+            "pass a checkpoint written by `python cli.py fit`"
+        ) from None
+    use_ema = has_ema if ema is None else ema
+    if use_ema:
+        module.model.load_state_dict(load_ema_weights(ckpt_path))  # explains a missing average
+    return TrainedNetwork(module.model.eval(), hparams, use_ema, deployment)
+
+
 def deployment_config(datamodule: Any) -> dict[str, Any]:
     """Class names, input size and eval preprocessing of a datamodule (empty if unknown)."""
     if datamodule is None or not hasattr(datamodule, "class_names"):
@@ -610,4 +650,12 @@ def _check_hparams(hp: dict[str, Any]) -> None:
         )
 
 
-__all__ = ["DEPLOYMENT_KEY", "ImageClassifier", "MIXUP_MODES", "SCHEDULES", "deployment_config"]
+__all__ = [
+    "DEPLOYMENT_KEY",
+    "ImageClassifier",
+    "MIXUP_MODES",
+    "SCHEDULES",
+    "TrainedNetwork",
+    "deployment_config",
+    "network_from_checkpoint",
+]

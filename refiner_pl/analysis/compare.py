@@ -32,11 +32,9 @@ from refiner_pl.analysis.attention import (
     collect_attention_maps,
     series_maps,
 )
-from refiner_pl.callbacks import load_ema_weights
 from refiner_pl.data import ClassificationDataModule
 from refiner_pl.errors import UserInputError, find_user_error, reporting_user_errors
-from refiner_pl.models import read_checkpoint
-from refiner_pl.module import ImageClassifier
+from refiner_pl.module import network_from_checkpoint
 from refiner_pl.parser import RefinerArgumentParser, one_line
 
 PROG = "python -m refiner_pl.analysis.compare"
@@ -65,32 +63,14 @@ def build_parser() -> RefinerArgumentParser:
 # ---------------------------------------------------------------------------- inputs
 def load_network(path: str, ema: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The eval-mode network of a Lightning checkpoint and its hyperparameters."""
-    checkpoint = read_checkpoint(path)
-    if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
+    trained = network_from_checkpoint(path, ema)
+    if not hasattr(trained.network, "forward_attention_maps"):
         raise UserInputError(
-            f"{path} is not a Lightning checkpoint of this project (no hyper_parameters or "
-            "state_dict): pass a .ckpt written by `python cli.py fit`"
+            f"{path} holds a {trained.hparams.get('model_name')} model, which does not expose "
+            "attention maps: compare needs refiner_vit_* checkpoints (model_kwargs "
+            "{refiner: false} is the plain-ViT baseline)"
         )
-    hparams = dict(checkpoint["hyper_parameters"])
-    del checkpoint  # the weights are loaded again below, by Lightning
-    try:
-        module = ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    except (TypeError, KeyError, RuntimeError) as err:  # another module, or mismatched weights
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise UserInputError(
-            f"{path} does not rebuild as an ImageClassifier ({reason}): pass a checkpoint "
-            "written by `python cli.py fit`"
-        ) from None
-    network = module.model
-    if not hasattr(network, "forward_attention_maps"):
-        raise UserInputError(
-            f"{path} holds a {hparams.get('model_name')} model, which does not expose attention "
-            "maps: compare needs refiner_vit_* checkpoints (model_kwargs {refiner: false} is "
-            "the plain-ViT baseline)"
-        )
-    if ema:
-        network.load_state_dict(load_ema_weights(path))
-    return network.eval(), hparams
+    return trained.network, trained.hparams
 
 
 def load_datamodule(config: str | None, first_checkpoint: str) -> ClassificationDataModule:
