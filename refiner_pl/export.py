@@ -89,13 +89,13 @@ def load_network(ckpt_path: str | Path, ema: bool | None = None) -> LoadedNetwor
     # one clear error for a missing or unreadable file; the digest is checked once, below
     checkpoint = read_checkpoint(ckpt_path, verify=False)
     if "pytorch-lightning_version" not in checkpoint:
-        verify_digest(checkpoint, ckpt_path)
         if ema is not None:
             raise UserInputError(
                 f"--ema chooses between the raw and the EMA weights of a Lightning checkpoint, "
                 f"and {ckpt_path} is a release or saved-model file (it gives its EMA weights "
                 "when it has both): leave --ema out"
             )
+        verify_digest(checkpoint, ckpt_path)
         network = from_official_checkpoint(checkpoint)
         size = _input_size(network)
         return LoadedNetwork(_prepare(network), size, None, _metadata(network, size, {}))
