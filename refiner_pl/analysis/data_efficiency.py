@@ -257,7 +257,7 @@ def plan_grid(
     datamodule.setup("fit")
     whole = datamodule.train_set
     per_step = (datamodule.batch_size, trainer.world_size, trainer.accumulate_grad_batches)
-    limit = cli.config.trainer.get("limit_train_batches")
+    limit = trainer.limit_train_batches  # as the Trainer reads it (4.0 means 4 batches)
     whole_steps = steps_per_epoch(len(whole), *per_step, limit)
     budget_steps = epochs * whole_steps
     settings: dict[str, Any] = {
