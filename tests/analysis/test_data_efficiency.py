@@ -215,3 +215,43 @@ def test_tables_show_mean_and_sample_std():
     assert data_efficiency.mean_std([0.9]) == (0.9, None)
     assert data_efficiency.percent(0.95, 0.05) == "95.00 ± 5.00"
     assert data_efficiency.percent(None, None) == "—"
+
+
+@pytest.mark.parametrize("budget", ["steps", "epochs"])
+def test_budgets_plan_steps_epochs_and_warmup(budget, tmp_path):
+    # 4 batches of 64 an epoch of the whole split (limit_train_batches); 10% has 2 a epoch
+    runs, settings = data_efficiency.plan_grid(
+        CONFIG, TINY_FIT, tmp_path, ["refiner", "conv_only"], [0.1, 1.0], 2, None, 3, budget
+    )
+    assert settings["seeds"] == [42, 43]  # from the config's seed_everything
+    plan = settings["fraction_plan"]
+    if budget == "steps":  # 3 whole-split epochs = 12 steps for every fraction
+        assert plan == {
+            "0.1": {"train_images": 142, "epochs": 6.0, "optimizer_steps": 12},
+            "1": {"train_images": 1437, "epochs": 3.0, "optimizer_steps": 12},
+        }
+    else:
+        assert plan == {
+            "0.1": {"train_images": 142, "epochs": 3, "optimizer_steps": 6},
+            "1": {"train_images": 1437, "epochs": 3, "optimizer_steps": 12},
+        }
+    assert [run["key"] for run in runs] == [
+        f"{model}_fraction_{fraction}_seed_{seed}"
+        for fraction in ("0.1", "1")
+        for model in ("refiner", "conv_only")
+        for seed in (42, 43)
+    ]
+    args = runs[2]["args"]  # conv_only, 10%, seed 42
+    option = dict(zip(args[::2], args[1::2], strict=True))
+    assert option["--data.init_args.train_fraction"] == "0.1"
+    assert option["--seed_everything"] == "42"
+    assert json.loads(option["--model.init_args.model_kwargs"]) == {
+        "depth": 2,
+        "refiner_expansion": 1,
+    }
+    if budget == "steps":
+        assert option["--trainer.max_steps"] == "12" and option["--trainer.max_epochs"] == "6"
+        assert option["--trainer.val_check_interval"] == "4"  # once per whole-split epoch
+        assert option["--model.init_args.warmup_epochs"] == "2.0"  # 1 whole epoch = 4 steps
+    else:
+        assert option["--trainer.max_epochs"] == "3" and option["--trainer.max_steps"] == "-1"
