@@ -1,6 +1,6 @@
 """Training losses of the Refiner-ViT release: token labelling and the attention penalty.
 
-Both follow ``REFINER_SPEC.md`` ("Token labelling loss", "Attention similarity penalty").
+Both follow the release; ``docs/architecture.md`` ("Training losses") describes them.
 """
 
 from __future__ import annotations

@@ -9,17 +9,19 @@ from refiner_pl.models.checkpoint import (
     load_model,
     read_checkpoint,
     save_model,
-    unwrap_state_dict,
 )
+from refiner_pl.models.fast_refiner import set_fast_refiner, use_fast_refiner
 from refiner_pl.models.refiner_vit import (
     PRESETS,
     AttentionMaps,
     AttentionRefiner,
+    RefinerCfg,
     RefinerViT,
     TokenLabelOutput,
     checkpoint_filter_fn,
     release_to_refiner_pl,
     resample_pos_embed,
+    unwrap_state_dict,
 )
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "PRESETS",
     "AttentionMaps",
     "AttentionRefiner",
+    "RefinerCfg",
     "RefinerViT",
     "TokenLabelOutput",
     "checkpoint_filter_fn",
@@ -39,5 +42,7 @@ __all__ = [
     "release_to_refiner_pl",
     "resample_pos_embed",
     "save_model",
+    "set_fast_refiner",
     "unwrap_state_dict",
+    "use_fast_refiner",
 ]

@@ -13,9 +13,9 @@ from refiner_pl.models import (
     RefinerViT,
     count_parameters,
     from_official_checkpoint,
-    refiner_vit,
+    set_fast_refiner,
+    use_fast_refiner,
 )
-from refiner_pl.models.refiner_vit import _patchify_conv
 
 SPEC_PARAMS = {
     "refiner_vit_s": 25_408_656,
@@ -29,8 +29,17 @@ def small(**kwargs) -> RefinerViT:
     return RefinerViT(**{**args, **kwargs})
 
 
+@pytest.fixture(params=[True, False], ids=["fast", "modules"])
+def fast_kernels(request):
+    """Each release-fixture test runs with the fast CPU kernels on and with them off."""
+    before = use_fast_refiner()
+    set_fast_refiner(request.param)
+    yield request.param
+    set_fast_refiner(before)
+
+
 # ------------------------------------------------------------------ the release fixture
-def test_eval_logits_match_release(release_fixture):
+def test_eval_logits_match_release(release_fixture, fast_kernels):
     model = from_official_checkpoint(release_fixture["state_dict"])
     assert not model.training
     x = release_fixture["input"]
@@ -43,7 +52,7 @@ def test_eval_logits_match_release(release_fixture):
     torch.testing.assert_close(aux, release_fixture["eval_logits_aux_tokens"], atol=1e-5, rtol=0)
 
 
-def test_train_logits_match_release_with_mixtoken_off(release_fixture):
+def test_train_logits_match_release_with_mixtoken_off(release_fixture, fast_kernels):
     model = from_official_checkpoint(release_fixture["state_dict"]).train()
     with torch.no_grad():
         out = model.forward_train(release_fixture["input"], mix_token=False)
@@ -263,8 +272,8 @@ def test_block_kinds_expansion_and_kernel_are_configurable():
     )
     assert model.blocks[0].attn.refiner.expand.weight.shape == (16, 4, 1, 1)
     assert model.blocks[0].attn.refiner.local.weight.shape == (16, 1, 5, 5)
-    assert hasattr(model.blocks[0].attn, "qkv") and hasattr(model.blocks[1].attn, "v")
-    assert not hasattr(model.blocks[2].attn, "refiner")
+    assert model.blocks[0].attn.v is None and model.blocks[1].attn.qkv is None
+    assert model.blocks[2].attn.refiner is None and model.blocks[2].attn.adapt_bn is None
     out = model.train()(torch.randn(2, 3, 32, 32))
     out.sum().backward()
     assert torch.isfinite(out).all()
@@ -314,66 +323,7 @@ def test_attention_maps_are_readable_without_changing_outputs():
     torch.testing.assert_close(maps[0].raw.sum(-1), torch.ones(2, 4, 65))
 
 
-# ------------------------------------------------------------------ fast refiner paths
-def test_folded_eval_refiner_equals_the_batchnorm_modules():
-    torch.manual_seed(0)
-    attn_module = small().blocks[1].attn
-    for bn in attn_module.modules():
-        if isinstance(bn, torch.nn.BatchNorm2d):  # non-trivial running statistics
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.data.uniform_(0.5, 1.5)
-            bn.bias.data.uniform_(-0.2, 0.2)
-    attn_module.eval()
-    maps = torch.rand(2, 4, 65, 65).softmax(-1)
-    with torch.no_grad():
-        folded = attn_module.refine(maps)
-        modules = attn_module.adapt_bn(attn_module.refiner(maps)) * attn_module.scale
-    torch.testing.assert_close(folded, modules, atol=1e-6, rtol=1e-5)
-
-
-def test_folded_eval_refiner_in_chunks_equals_the_batchnorm_modules(monkeypatch):
-    """Maps whose expanded form exceeds the chunk budget are refined a few samples at a time."""
-    torch.manual_seed(0)
-    attn_module = small().blocks[1].attn.eval()
-    maps = torch.rand(3, 4, 20, 20).softmax(-1)
-    monkeypatch.setattr(refiner_vit, "CHUNK_BYTES", 12 * 20 * 20 * 4)  # one sample per chunk
-    assert refiner_vit._chunk_size(maps, attn_module.refiner.expand.out_channels) == 1
-    with torch.no_grad():
-        folded = attn_module.refine(maps)
-        modules = attn_module.adapt_bn(attn_module.refiner(maps)) * attn_module.scale
-    torch.testing.assert_close(folded, modules, atol=1e-6, rtol=1e-5)
-
-
-def test_folded_eval_refiner_runs_under_cpu_autocast():
-    torch.manual_seed(0)
-    attn_module = small().blocks[1].attn.eval()
-    maps = torch.rand(2, 4, 17, 17).softmax(-1)
-    with torch.no_grad():
-        expected = attn_module.refine(maps)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = attn_module.refine(maps)
-    torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
-
-
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("size", [32, 36])
-def test_patch_projection_as_gemm_equals_the_convolution(size, memory_format):
-    """The stride-k projection runs as one GEMM over cut-out patches (NCHW or channels-last);
-    sizes it does not divide fall back to the convolution."""
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(8, 16, 8, stride=8)
-    x = torch.randn(2, 8, size, size).contiguous(memory_format=memory_format).requires_grad_()
-    out = _patchify_conv(conv, x)
-    expected = conv(x)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    grad = torch.randn_like(expected)
-    (g_x, g_w) = torch.autograd.grad(out, (x, conv.weight), grad)
-    (e_x, e_w) = torch.autograd.grad(expected, (x, conv.weight), grad)
-    torch.testing.assert_close(g_x, e_x, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(g_w, e_w, atol=1e-4, rtol=1e-5)
-
-
+# ------------------------------------------------------------------ options
 def test_channels_last_refiner_option_computes_the_same_function(release_fixture):
     model = from_official_checkpoint(release_fixture["state_dict"], refiner_channels_last=True)
     with torch.no_grad():
