@@ -19,8 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2, list_optimizers
-from timm.scheduler import create_scheduler_v2
+from timm.optim import list_optimizers
 from torch import Tensor, nn
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 from torchmetrics import MeanMetric, MetricCollection
@@ -30,10 +29,11 @@ from refiner_pl.callbacks.ema import STATE_KEY as EMA_STATE_KEY
 from refiner_pl.callbacks.ema import load_ema_weights
 from refiner_pl.checkpoint_io import read_checkpoint
 from refiner_pl.data.token_label import LabelMapCrop, TokenLabelMixup, dense_label_targets
-from refiner_pl.errors import UserInputError, first_line, say
+from refiner_pl.errors import UserInputError, first_line
 from refiner_pl.lightning_compat import ensure_train_dataloader, tensorboard_file_writer
 from refiner_pl.losses import TokenLabelLoss, attention_similarity_penalty
 from refiner_pl.models import init_weights_from
+from refiner_pl.optim import create_optimizer_and_schedule
 from refiner_pl.seeding import seed_step
 
 Schedule = Literal["cosine", "tanh", "wsd", "rsqrt", "constant", "none"]
@@ -376,53 +376,24 @@ class ImageClassifier(L.LightningModule):
     # ---------------------------------------------------------------- optimizer and schedule
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        opt_kwargs: dict[str, Any] = {}
-        if hp.opt_eps is not None:
-            opt_kwargs["eps"] = hp.opt_eps
-        if hp.opt_betas is not None:
-            opt_kwargs["betas"] = tuple(hp.opt_betas)
-        optimizer = create_optimizer_v2(
+        peak_lr = self._peak_lr()
+        total_steps, steps_per_epoch = (0, 1) if hp.sched == "none" else self._schedule_length()
+        return create_optimizer_and_schedule(
             self.model,
             opt=hp.opt,
-            lr=self._peak_lr(),
+            lr=peak_lr,
             weight_decay=hp.weight_decay,
             layer_decay=hp.layer_decay,
-            **opt_kwargs,
-        )
-        if hp.sched == "none":
-            return optimizer
-
-        total_steps, steps_per_epoch = self._schedule_length()
-        warmup_epochs, cooldown_epochs = hp.warmup_epochs, hp.cooldown_epochs
-        edges = (warmup_epochs + cooldown_epochs) * steps_per_epoch
-        if edges >= total_steps:
-            # A run cut short (fast_dev_run, limit_train_batches, max_steps): squeeze warmup and
-            # cooldown into half of it rather than fail. The CLI rejects a too-short max_epochs.
-            scale = total_steps / 2 / edges
-            warmup_epochs, cooldown_epochs = warmup_epochs * scale, cooldown_epochs * scale
-            say(
-                f"warning: warmup_epochs + cooldown_epochs ({edges:g} steps) do not fit in this "
-                f"run's {total_steps} steps; shortened to {scale * edges:g} steps"
-            )
-        scheduler, _ = create_scheduler_v2(
-            optimizer,
+            opt_eps=hp.opt_eps,
+            opt_betas=hp.opt_betas,
             sched=hp.sched,
-            # Warmup as a prefix: lr reaches exactly `lr` when warmup ends, then the schedule
-            # decays to `min_lr` over the steps left before the cooldown. (timm's num_epochs
-            # excludes warmup and cooldown; here both are part of the trainer's run length.)
-            num_epochs=total_steps / steps_per_epoch - warmup_epochs - cooldown_epochs,
-            warmup_epochs=warmup_epochs,
-            warmup_prefix=True,
+            warmup_epochs=hp.warmup_epochs,
             warmup_lr=hp.warmup_lr,
             min_lr=hp.min_lr,
-            cooldown_epochs=cooldown_epochs,
-            step_on_epochs=False,
-            updates_per_epoch=steps_per_epoch,
+            cooldown_epochs=hp.cooldown_epochs,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
         )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
-        }
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any = None) -> None:
         # timm schedulers are stateless functions of the update count: Lightning calls this

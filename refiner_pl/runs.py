@@ -318,12 +318,16 @@ def route_evaluation_outputs(config: Namespace, subcommand: str) -> None:
 
 
 def _writable(folder: Path) -> bool:
+    """Whether `folder` can be created and written, tested in its nearest existing ancestor
+    (nothing is left behind: a failing command must not leave empty folders)."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return False
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-        return True
+        with tempfile.TemporaryFile(dir=existing):
+            return True
     except OSError:
         return False
 

@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import timm
 import torch
-from helpers import QUICKSTART, QUIET, RELEASE_FIXTURE, DigitsWithNaN, run_cli_in_process
+from helpers import CONFIGS, QUICKSTART, QUIET, RELEASE_FIXTURE, DigitsWithNaN, run_cli_in_process
 
 from refiner_pl.module import ImageClassifier
 
@@ -153,6 +153,7 @@ def test_checkpoint_of_another_class_count(tmp_path, jpeg_tree):
         "--data", "refiner_pl.data.ImageNetDataModule", "--data.data_dir", str(jpeg_tree.path),
     )  # fmt: skip
     assert "trained with num_classes=10 but the datamodule gives num_classes=3" in line
+    assert "use the data it was trained on (a dataset with 10 classes)" in line
 
 
 def test_empty_dataset_dir(tmp_path):
@@ -196,9 +197,60 @@ def test_training_image_that_fails_to_decode(run_cli, jpeg_tree):
     # data.num_workers 1: the error line is the same when a worker process met the file
     line = run_cli(
         "fit", "--config", QUICKSTART, "--data", "refiner_pl.data.ImageNetDataModule",
-        "--data.data_dir", str(jpeg_tree.path), "--data.batch_size", "4",
+        "--data.data_dir", str(jpeg_tree.path), "--data.batch_size", "4", "--data.img_size", "32",
         "--data.num_workers", "1", "--trainer.max_epochs", "1", "--model.warmup_epochs", "0.5",
         *QUIET,
     ).error  # fmt: skip
     assert f"cannot decode image '{broken}'" in line
     assert "or set data.bad_images: skip to train without it" in line
+
+
+# ------------------------------------------------------------ a new user's first hour
+def test_cifar_download_without_network(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    # nothing listens on the discard port: refused at once, as on a machine without network
+    monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    line = fails_cleanly(
+        tmp_path, "fit", "--config", QUICKSTART, "--data", str(CONFIGS / "data" / "cifar10.yaml"),
+        "--data.data_dir", "data/cifar", "--data.download", "true",
+    )  # fmt: skip
+    assert "could not download CIFAR-10" in line and "put the file in 'data/cifar'" in line
+    assert not (tmp_path / "data").exists()  # no empty folder left behind
+
+
+def test_gpu_config_without_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    gpu = str(CONFIGS / "trainer" / "gpu_bf16.yaml")
+    line = fails_cleanly(tmp_path, "fit", "--config", QUICKSTART, "--trainer", gpu)
+    assert "trainer.accelerator 'gpu'" in line and "configs/trainer/cpu.yaml" in line
+
+
+def test_folder_with_one_class(tmp_path, make_image_tree):
+    tree = make_image_tree(tmp_path / "one", ["cats"])
+    line = fails_cleanly(
+        tmp_path, "fit", "--config", QUICKSTART, "--data", "refiner_pl.data.ImageFolderDataModule",
+        "--data.data_dir", str(tree.path),
+    )  # fmt: skip
+    assert f"'{tree.path / 'train'}' has 1 class folder (cats)" in line
+    assert "at least 2 classes" in line
+
+
+def test_init_from_a_checkpoint_of_another_size(tmp_path):
+    wider = timm.create_model("refiner_vit_tiny", num_classes=10, img_size=32, embed_dim=96)
+    path = tmp_path / "wider.pth"
+    torch.save(wider.state_dict(), path)
+    line = fails_cleanly(tmp_path, "fit", "--config", QUICKSTART, "--model.init_from", str(path))
+    assert "was trained with another model size: tensor shapes differ" in line
+    assert "cls_token [1, 1, 96] vs [1, 1, 64]" in line
+
+
+def test_truncated_checkpoint_quotes_torch_whole(tmp_path):
+    path = _lightning_checkpoint(tmp_path / "cut.ckpt")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(RuntimeError) as raised:
+        torch.load(path, weights_only=True, mmap=True)
+    first_sentence = re.split(r"(?<=[.!?])\s", " ".join(str(raised.value).split()))[0]
+    line = fails_cleanly(tmp_path, "fit", "--config", QUICKSTART, "--ckpt_path", str(path))
+    assert f"({first_sentence.rstrip('.')})" in line

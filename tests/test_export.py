@@ -206,7 +206,7 @@ def test_bad_input_to_the_default_onnx_export_is_one_error_line(onnx_extra, caps
 def test_truncated_checkpoint(onnx_extra, tmp_path, capsys):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(RELEASE.read_bytes()[:5000])
-    assert "the file is truncated or not a PyTorch checkpoint" in error_line(
+    assert "the file is truncated, damaged or not a PyTorch checkpoint" in error_line(
         capsys, "--ckpt_path", str(truncated)
     )
 

@@ -163,11 +163,12 @@ def test_cooldown_holds_min_lr_and_layer_decay_scales_every_group():
         assert group["lr"] == pytest.approx(1e-5 * group["lr_scale"])
 
 
-def test_run_shorter_than_warmup_still_trains():
+def test_run_shorter_than_warmup_still_trains(capsys):
     module = tiny(warmup_epochs=5)
-    with pytest.warns(UserWarning, match="scaled down"):
-        lrs, final = _fit_and_record(module, fast_dev_run=True)
+    lrs, final = _fit_and_record(module, fast_dev_run=True)
     assert len(lrs) == 1 and math.isfinite(final)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warmup" in line]
+    assert len(warnings) == 1 and "shortened to 0.5 steps" in warnings[0]
 
 
 def test_schedule_none_keeps_lr_constant():

@@ -183,15 +183,17 @@ class _CIFARDataModule(ClassificationDataModule):
         """Downloads and extracts the dataset (once per node) when ``download`` is set."""
         if not self.download:
             return
-        created = not self.root.exists()
+        created = None if self.root.exists() else self.root.absolute()
+        while created is not None and not created.parent.exists():
+            created = created.parent  # the outermost folder the download creates
         try:
             for train in (True, False):
                 self.dataset_cls(str(self.root), train=train, download=True)
         except OSError as err:  # urllib's URLError is one: no network, proxy, DNS
             archive = self.root / self.dataset_cls.filename
             archive.unlink(missing_ok=True)  # a partial download
-            if created:
-                shutil.rmtree(self.root, ignore_errors=True)
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
             raise UserInputError(
                 f"could not download {self.display_name} ({first_line(err)}): on a machine "
                 f"without network, fetch {self.dataset_cls.url} elsewhere, put the file in "

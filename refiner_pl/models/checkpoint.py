@@ -276,7 +276,9 @@ def init_weights_from(
         for k in unexpected
         if k in own and k in state_dict
     ]
-    if shapes:
+    # keys of another architecture, beyond tensors that only differ in shape
+    foreign = [k for k in missing if k not in state_dict] + [k for k in unexpected if k not in own]
+    if shapes and not foreign:
         raise UserInputError(
             f"{source} was trained with another model size: tensor shapes differ (file vs "
             f"model: {', '.join(shapes[:3])}); initialise from a checkpoint of the same "

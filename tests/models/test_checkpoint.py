@@ -76,7 +76,7 @@ def test_truncated_file_is_refused(release_fixture, tmp_path):
     torch.save(release_fixture["state_dict"], path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserInputError, match="truncated or not a PyTorch checkpoint"):
+    with pytest.raises(UserInputError, match="truncated, damaged or not a PyTorch checkpoint"):
         from_official_checkpoint(path)
 
 
