@@ -54,7 +54,6 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-BlockType = Literal["plain", "refine", "shared"]
 BLOCK_TYPES: tuple[str, ...] = ("plain", "refine", "shared")
 RESIDUAL_SCALE = 0.5  # the release scales the residual branch input by 0.5 and its output by 2
 
@@ -683,7 +682,7 @@ class RefinerViT(nn.Module):
         the final norm to them, ``stop_early`` runs no block after the last one taken. Returns
         them, or the final features (as ``forward_features``) and them."""
         if output_fmt not in ("NCHW", "NLC"):
-            raise UserInputError(f"output_fmt={output_fmt!r} is unknown: use 'NCHW' or 'NLC'")
+            raise UserInputError(f"output_fmt='{output_fmt}' is unknown: use 'NCHW' or 'NLC'")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         batch, _, height, width = x.shape
         last = max_index if stop_early else len(self.blocks) - 1

@@ -206,3 +206,6 @@ def test_torchscript_and_torch_jit_trace_compute_the_model():
         torch.testing.assert_close(traced(images(batch=2)), model(images(batch=2)))
     with pytest.raises(torch.jit.Error, match="does not split into 4px patches"):
         scripted(torch.randn(1, 3, 30, 32))
+    features = tiny(features_only=True, out_indices=(0, 2)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(features)(x), features(x))
