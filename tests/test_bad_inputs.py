@@ -191,6 +191,7 @@ def test_nan_in_the_input(run_cli, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
 
 
+@pytest.mark.slow
 def test_training_image_that_fails_to_decode(run_cli, jpeg_tree):
     broken = sorted((jpeg_tree.path / "train").rglob("*.JPEG"))[4]
     broken.write_bytes(broken.read_bytes()[:100])

@@ -72,7 +72,13 @@ def test_model_config(config, run_in_process):
     run_in_process("--config", QUICKSTART, *model, *FAST)
 
 
-@pytest.mark.parametrize("config", TRAINERS)
+# mixed precision on the CPU (bf16 autocast) is slow: the GPU files are slow tests
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "config", [c if "cpu" in c else pytest.param(c, marks=SLOW) for c in TRAINERS]
+)
 def test_trainer_config(config, run_in_process):
     run_in_process("--config", QUICKSTART, "--trainer", str(CONFIGS / config), *ON_CPU, *FAST)
 

@@ -127,6 +127,7 @@ def _batches(num_workers: int = 0, done: int = 0, epoch: int = 0) -> list[torch.
     return [images for images, _ in loader][:4]
 
 
+@pytest.mark.slow
 def test_resumed_epoch_continues_with_the_same_batches_and_augmentations():
     full = _batches()
     assert len(full) == 4

@@ -74,6 +74,7 @@ def test_test_loader_falls_back_to_val():
     assert dm.test_set is None and dm.test_dataloader().dataset is dm.val_set
 
 
+@pytest.mark.slow
 def test_trainer_runs_fit_validate_and_test():
     """The datamodule plugs into a real Trainer (hooks, sampler injection, loaders)."""
 
