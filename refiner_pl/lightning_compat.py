@@ -22,8 +22,10 @@ __all__ = [
 
 
 def batches_done_this_epoch(trainer: L.Trainer) -> int:
-    """Batches of the current epoch the fit loop has already trained (after a resume too)."""
-    return trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    """Batches of the current epoch the fit loop has already trained (after a resume too);
+    0 for an object without a fit loop (a datamodule used outside a Trainer)."""
+    fit_loop = getattr(trainer, "fit_loop", None)
+    return fit_loop.epoch_loop.batch_progress.current.ready if fit_loop is not None else 0
 
 
 def batch_index(trainer: L.Trainer) -> int:

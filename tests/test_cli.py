@@ -83,14 +83,6 @@ def test_unknown_model_name_fails_before_training(run_cli, tmp_path):
     _assert_untouched(tmp_path)
 
 
-def test_warmup_longer_than_run_fails_before_training(run_cli, tmp_path):
-    # one batch per epoch: should the check ever go, the test fails in seconds, not by timeout
-    args = ("fit", "--config", QUICKSTART, "--trainer.max_epochs", "2", *ONE_BATCH)
-    line = run_cli(*args, "--model.warmup_epochs", "2").error
-    assert "warmup_epochs" in line and "max_epochs" in line
-    _assert_untouched(tmp_path)
-
-
 def test_best_without_any_run_is_one_line_error(run_cli):
     line = run_cli("validate", "--config", QUICKSTART, "--ckpt_path", "best").error
     assert "ckpt_path 'best'" in line and "runs/quickstart" in line
