@@ -69,6 +69,7 @@ def test_sigterm_saves_a_resumable_last_checkpoint_and_exits_143(tmp_path):
     env = {**os.environ, "PYTHONPATH": TESTS}
     stopped_dir, reference_dir = tmp_path / "stopped", tmp_path / "reference"
     stopped_dir.mkdir()
+    reference_dir.mkdir()
     stopped = subprocess.run(
         [sys.executable, CLI, *args, "--config", str(stop)],
         cwd=stopped_dir, env=env, capture_output=True, text=True, timeout=600,
