@@ -334,11 +334,14 @@ def _writable(folder: Path) -> bool:
 
 def report_fit_outputs(trainer: L.Trainer) -> None:
     """The run folder, the best checkpoint with its score, and the last checkpoint."""
-    if trainer.fast_dev_run or trainer.global_rank != 0:
+    if trainer.fast_dev_run:
+        return
+    log_dir = trainer.log_dir if trainer.loggers else None  # a broadcast: every rank asks
+    if trainer.global_rank != 0:
         return
     lines = []
-    if trainer.loggers and trainer.log_dir:
-        lines.append(f"run folder: {trainer.log_dir}")
+    if log_dir:
+        lines.append(f"run folder: {log_dir}")
     for callback in trainer.checkpoint_callbacks:
         if not isinstance(callback, ModelCheckpoint):
             continue

@@ -1,6 +1,7 @@
 """Offline quickstart data: scikit-learn's handwritten digits, held in memory as tensors."""
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -80,6 +81,9 @@ class DigitsDataModule(ClassificationDataModule):
         train_fraction: Train on this share of every class of the train split (drawn from the
             run's seed; val stays whole); 1 uses all of it.
     """
+
+    # No centre crop: the deployment record and exported metadata say so.
+    default_crop_pct: ClassVar[float] = 1.0
 
     def __init__(
         self,
