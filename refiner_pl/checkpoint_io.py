@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 DIGEST_KEY = "refiner_pl_digest"
+_NOTED_UNVERIFIED: set[Path] = set()
 """Key of ``{"sha256": hex}`` in every dict this project saves."""
 
 
@@ -88,10 +89,12 @@ def verify_digest(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> boo
     """Checks a loaded checkpoint against the digest saved in it; False when it has none."""
     recorded = checkpoint.get(DIGEST_KEY)
     if not isinstance(recorded, Mapping) or "sha256" not in recorded:
-        say(
-            f"note: {path} carries no checksum (a release file, or written by an older "
-            "version): loaded unverified"
-        )
+        if Path(path).resolve() not in _NOTED_UNVERIFIED:  # once per file, however often read
+            _NOTED_UNVERIFIED.add(Path(path).resolve())
+            say(
+                f"note: {path} carries no checksum (a release file, or written by an older "
+                "version): loaded unverified"
+            )
         return False
     if content_digest(checkpoint) != recorded["sha256"]:
         raise UserInputError(

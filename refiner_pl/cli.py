@@ -196,10 +196,12 @@ class RefinerCLI(LightningCLI):
             )
             self.config[self.subcommand].model.init_args.init_from = None
             self._given_model_args.pop("init_from", None)
+        # Evaluation does not use the recipe: only a replaced network setting is worth a line.
+        moot = runs.TRAINING_ONLY_MODEL_KEYS if self.subcommand != "fit" else frozenset()
         replaced = [
             f"model.{key}={given!r} -> {restored[key]!r}"
             for key, given in self._given_model_args.items()
-            if key in restored and key not in LINKED and restored[key] != given
+            if key in restored and key not in (*LINKED, *moot) and restored[key] != given
         ]
         if replaced:
             rank_zero_warn(

@@ -26,15 +26,20 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from refiner_pl.callbacks.ema import STATE_KEY as EMA_STATE_KEY
-from refiner_pl.callbacks.ema import load_ema_weights
-from refiner_pl.checkpoint_io import read_checkpoint
-from refiner_pl.data.token_label import LabelMapCrop, TokenLabelMixup, dense_label_targets
+from refiner_pl.callbacks.ema import no_ema_weights_message
+from refiner_pl.checkpoint_io import read_checkpoint, verify_digest
 from refiner_pl.errors import UserInputError, first_line
 from refiner_pl.lightning_compat import ensure_train_dataloader, tensorboard_file_writer
 from refiner_pl.losses import TokenLabelLoss, attention_similarity_penalty
 from refiner_pl.models import init_weights_from
 from refiner_pl.optim import create_optimizer_and_schedule
 from refiner_pl.seeding import seed_step
+from refiner_pl.token_labelling import (
+    LabelMapCrop,
+    TokenLabelBatch,
+    TokenLabelMixup,
+    dense_label_targets,
+)
 
 Schedule = Literal["cosine", "tanh", "wsd", "rsqrt", "constant", "none"]
 """timm schedules that need nothing beyond warmup/min_lr/cooldown ("none" keeps lr constant)."""
@@ -224,8 +229,10 @@ class ImageClassifier(L.LightningModule):
         return self.model(x)
 
     # ----------------------------------------------------------------------------------- steps
-    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        if len(batch) == 3:  # (images, targets, label-map crops) from a token-label dataset
+    def training_step(
+        self, batch: tuple[Tensor, Tensor] | TokenLabelBatch, batch_idx: int
+    ) -> Tensor:
+        if isinstance(batch, TokenLabelBatch):  # with label-map crops (data.token_label_dir)
             return self._token_label_step(*batch)
         x, y = batch
         if self.mixing:
@@ -493,16 +500,20 @@ class TrainedNetwork(NamedTuple):
 def network_from_checkpoint(ckpt_path: str | Path, ema: bool | None = None) -> TrainedNetwork:
     """The network of a checkpoint written by ``fit``: its EMA weights (``ema=True``), its raw
     weights (``False``) or the EMA weights when it has them (``None``)."""
-    checkpoint = read_checkpoint(ckpt_path)  # one line for a missing or damaged file
+    # Read unverified first: a wrong request (no EMA weights) is one line, before any note.
+    checkpoint = read_checkpoint(ckpt_path, verify=False)  # memory-mapped; one line if damaged
     if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
         raise UserInputError(
             f"{ckpt_path} is not a Lightning checkpoint of this project (no hyper_parameters or "
             "state_dict): pass a .ckpt written by `python cli.py fit`"
         )
     hparams = dict(checkpoint["hyper_parameters"])
-    has_ema = bool((checkpoint.get("callbacks", {}).get(EMA_STATE_KEY) or {}).get("weights"))
+    ema_weights = (checkpoint.get("callbacks", {}).get(EMA_STATE_KEY) or {}).get("weights")
+    use_ema = bool(ema_weights) if ema is None else ema
+    if use_ema and not ema_weights:
+        raise UserInputError(no_ema_weights_message(ckpt_path))
+    verify_digest(checkpoint, ckpt_path)
     deployment = dict(checkpoint.get(DEPLOYMENT_KEY) or {})
-    del checkpoint  # load_from_checkpoint reads the weights itself
     try:  # pretrained=False: the checkpoint brings the weights, nothing is downloaded
         module = ImageClassifier.load_from_checkpoint(
             ckpt_path, map_location="cpu", pretrained=False, weights_only=True
@@ -512,9 +523,8 @@ def network_from_checkpoint(ckpt_path: str | Path, ema: bool | None = None) -> T
             f"{ckpt_path} does not rebuild as an ImageClassifier ({first_line(err)[:200]}): "
             "pass a checkpoint written by `python cli.py fit`"
         ) from None
-    use_ema = has_ema if ema is None else ema
     if use_ema:
-        module.model.load_state_dict(load_ema_weights(ckpt_path))  # explains a missing average
+        module.model.load_state_dict(ema_weights)
     return TrainedNetwork(module.model.eval(), hparams, use_ema, deployment)
 
 

@@ -38,15 +38,30 @@ from refiner_pl.errors import UserInputError, say
 CKPT_ALIASES = ("best", "last")
 EVALUATION_COMMANDS = ("validate", "test", "predict")
 
-# Settings that change how a run executes or where it reads from, not what model and data
-# it trains: a checkpoint trained with other values still fits the command.
-# (The model's num_classes and img_size come from the data, which is compared itself.)
-RUNTIME_ONLY_MODEL_KEYS = frozenset(
-    {"init_from", "grad_checkpointing", "refiner_checkpointing", "num_classes", "img_size"}
-)
-RUNTIME_ONLY_DATA_KEYS = frozenset(
-    {"num_workers", "pin_memory", "persistent_workers", "predict_dir", "batch_size"}
-)
+# An alias picks among runs whose network and evaluation data match the command. Settings
+# that only change how a run trains (the recipe, augmentation) or executes (workers, paths)
+# do not enter the match: `validate --ckpt_path best` after an lr sweep scores the best lr's
+# run. (The model's num_classes and img_size come from the data, which is compared itself.)
+TRAINING_ONLY_MODEL_KEYS = frozenset(
+    {
+        "pretrained", "init_from", "drop_rate", "drop_path_rate",
+        "grad_checkpointing", "refiner_checkpointing", "num_classes", "img_size",
+        "lr", "lr_base_size", "weight_decay", "layer_decay", "opt", "opt_eps", "opt_betas",
+        "sched", "warmup_epochs", "warmup_lr", "min_lr", "cooldown_epochs",
+        "label_smoothing", "mixup_alpha", "cutmix_alpha", "mixup_prob", "mixup_switch_prob",
+        "mixup_mode", "mixup_off_epoch",
+        "token_label_weight", "attn_similarity_weight", "attn_similarity_pairs",
+    }
+)  # fmt: skip
+TRAINING_ONLY_DATA_KEYS = frozenset(
+    {
+        "num_workers", "pin_memory", "persistent_workers", "predict_dir", "batch_size",
+        "download", "bad_images", "train_fraction", "repeated_aug",
+        "augment", "hflip", "padding", "scale", "ratio", "auto_augment", "color_jitter",
+        "train_interpolation", "re_prob", "re_mode", "re_count",
+        "token_label_dir", "missing_label_maps",
+    }
+)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ layout
@@ -140,12 +155,13 @@ def _stored(hparams: Mapping[str, Any] | None) -> tuple[str | None, dict[str, An
 
 
 def config_differences(config: Namespace, checkpoint: Mapping[str, Any]) -> list[str]:
-    """``model.lr=0.002 (checkpoint: 0.1)``-style lines for every model or data setting of
-    the command that the checkpoint was trained with otherwise; empty when it fits."""
+    """``data.img_size=32 (checkpoint: 16)``-style lines for every network or evaluation-data
+    setting of the command that the checkpoint was trained with otherwise; empty when it
+    fits. Training-only settings (`TRAINING_ONLY_MODEL_KEYS`, `..._DATA_KEYS`) never count."""
     differences = []
     for section, stored_key, ignored in (
-        ("model", "hyper_parameters", RUNTIME_ONLY_MODEL_KEYS),
-        ("data", "datamodule_hyper_parameters", RUNTIME_ONLY_DATA_KEYS),
+        ("model", "hyper_parameters", TRAINING_ONLY_MODEL_KEYS),
+        ("data", "datamodule_hyper_parameters", TRAINING_ONLY_DATA_KEYS),
     ):
         if stored_key not in checkpoint:
             continue  # e.g. a datamodule-less fit: nothing recorded to compare

@@ -113,14 +113,14 @@ def test_fit_then_validate_best_then_resume_last(run_cli, tmp_path):
     best_score = float(best_state["best_model_score"])
 
     validate = run_cli("validate", "--config", QUICKSTART, "--ckpt_path", "best", *QUIET).check()
-    assert f"resolved to runs/quickstart/version_0/checkpoints/{best_name}" in validate.stderr
+    assert f"ckpt_path 'best': runs/quickstart/version_0/checkpoints/{best_name}" in validate.stderr
     assert logged_metric(validate.stdout, "val/acc1") == pytest.approx(best_score, abs=1e-6)
     assert f"val_acc1={logged_metric(validate.stdout, 'val/acc1'):.4f}" in best_name
 
     # The checkpoint fixes the data shape: another img_size is a one-line error.
     args = ("validate", "--config", QUICKSTART, "--ckpt_path", "best", "--data.img_size", "48")
     line = run_cli(*args).error
-    assert "img_size=32" in line and "img_size=48" in line
+    assert "data.img_size=48 (checkpoint: 32)" in line
 
     # Resuming continues the same run folder, from the latest epoch, with the checkpoint's
     # hyperparameters (a warning names the given values they replace).

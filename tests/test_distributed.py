@@ -179,23 +179,27 @@ def test_ddp_validate_matches_one_process_on_an_uneven_val_split(run_cli, ddp_ru
     data.setup("validate")
     assert len(data.val_set) % 2 == 1  # the two ranks get different numbers of images
 
-    args = ["validate", "--config", QUICKSTART, *ODD_VAL, *QUIET]
-    args += ["--ckpt_path", str(ddp_run[0] / "checkpoints" / "last.ckpt")]
+    # A checkpoint outside a run folder: results go to ./runs/<name>/validate/<file stem>/.
+    ckpt = shutil.copy(ddp_run[0] / "checkpoints" / "last.ckpt", tmp_path / "ddp.ckpt")
+    results = tmp_path / "runs" / "quickstart" / "validate" / "ddp" / "validate_results.json"
+    args = ["validate", "--config", QUICKSTART, *ODD_VAL, *QUIET, "--ckpt_path", str(ckpt)]
     one = logged_metric(run_cli(*args).check().stdout, "val/acc1")
+    one_process = json.loads(results.read_text())
     two = run_separately(*args, *TWO_PROCESSES, cwd=tmp_path)
     assert "Starting with 2 processes" in two.stdout + two.stderr
     assert logged_metric(two.stdout, "val/acc1") == pytest.approx(one, abs=1e-6)
-    results = [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/*/validate_results.json")]
-    assert [r["images"] for r in results] == [361, 361]  # one file per run, summed over ranks
-    assert results[0]["top1"] == pytest.approx(results[1]["top1"], abs=1e-6)
+    two_processes = json.loads(results.read_text())  # one file, images summed over ranks
+    assert one_process["images"] == two_processes["images"] == 361
+    assert one_process["top1"] == pytest.approx(two_processes["top1"], abs=1e-6)
 
 
 @pytest.mark.slow
 def test_ddp_predict_writes_one_csv_of_every_image(ddp_run, tmp_path, mixed_image_folder):
+    ckpt = shutil.copy(ddp_run[0] / "checkpoints" / "last.ckpt", tmp_path / "ddp.ckpt")
     run_separately("predict", "--config", QUICKSTART, *TWO_PROCESSES, *QUIET,
-            "--ckpt_path", str(ddp_run[0] / "checkpoints" / "last.ckpt"),
+            "--ckpt_path", str(ckpt),
             "--data.predict_dir", str(mixed_image_folder.path), cwd=tmp_path)  # fmt: skip
-    written = sorted(tmp_path.glob("runs/quickstart/*/*.csv"))
+    written = sorted(tmp_path.glob("runs/quickstart/predict/ddp/*.csv"))
     assert [path.name for path in written] == ["predictions.csv", "predictions_skipped.csv"]
     csv_file = written[0]
     with csv_file.open() as f:

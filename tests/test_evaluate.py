@@ -48,7 +48,7 @@ def test_validate_writes_json_that_matches_the_checkpoint(quickstart_run):
         "validate", "--config", QUICKSTART, "--ckpt_path", str(best), *QUIET,
         cwd=quickstart_run.parents[2],
     ).check()  # fmt: skip
-    [path] = quickstart_run.parent.glob("version_*/validate_results.json")
+    path = quickstart_run / "validate" / best.stem / "validate_results.json"  # beside it
     assert str(path.relative_to(quickstart_run.parents[2])) in result.stdout
     results = json.loads(path.read_text())
     assert results["top1"] == pytest.approx(float(score), abs=1e-6)
@@ -68,8 +68,8 @@ def test_predict_on_a_folder_skips_and_lists_bad_files(quickstart_run, mixed_ima
         "--data.predict_dir", str(mixed_image_folder.path), *QUIET,
         cwd=quickstart_run.parents[2],
     ).check()  # fmt: skip
-    [run] = [p for p in quickstart_run.parent.glob("version_*") if (p / "predictions.csv").exists()]
-    assert f"-> {run.relative_to(quickstart_run.parents[2])}/predictions.csv" in result.stdout
+    run = quickstart_run / "predict" / "last"
+    assert f"-> {run}/predictions.csv" in result.stdout
     total = len(mixed_image_folder.good) + len(mixed_image_folder.bad)
     assert f"skipped 2 of {total} files" in result.stdout
     for bad in mixed_image_folder.bad:
@@ -92,14 +92,12 @@ def test_predict_on_a_folder_skips_and_lists_bad_files(quickstart_run, mixed_ima
 
 
 def test_predict_without_a_folder_predicts_the_val_split(quickstart_run):
+    [best] = quickstart_run.glob("checkpoints/epoch=*.ckpt")
     run_cli_in_process(
-        "predict", "--config", QUICKSTART, "--ckpt_path", "last", *QUIET,
+        "predict", "--config", QUICKSTART, "--ckpt_path", "best", *QUIET,
         cwd=quickstart_run.parents[2],
     ).check()  # fmt: skip
-    [run] = [
-        p for p in quickstart_run.parent.glob("version_*")
-        if (p / "predictions.csv").exists() and len(read_csv(p / "predictions.csv")) == 360
-    ]  # fmt: skip
+    run = quickstart_run / "predict" / best.stem
     rows = read_csv(run / "predictions.csv")
     assert [row["file"] for row in rows] == [str(i) for i in range(360)]  # in-memory digits
     assert {row["target_name"] for row in rows} == {str(d) for d in range(10)}
@@ -117,7 +115,8 @@ def test_release_checkpoint_scores_a_folder_like_from_official_checkpoint(
     tree = make_image_tree(tmp_path / "data", [f"class_{i}" for i in range(10)],
                            {"train": 1, "val": 2}, ext=".png")  # fmt: skip
     data_args = ["--data", "refiner_pl.data.ImageFolderDataModule",
-                 "--data.data_dir", str(tree.path), "--data.num_workers", "0"]  # fmt: skip
+                 "--data.data_dir", str(tree.path), "--data.num_workers", "0",
+                 "--data.img_size", "32"]  # fmt: skip
     model_args = ["--model.model_kwargs", RELEASE_TINY,
                   "--model.init_from", str(tmp_path / "release.pth")]  # fmt: skip
 
@@ -132,11 +131,12 @@ def test_release_checkpoint_scores_a_folder_like_from_official_checkpoint(
     with torch.no_grad():
         logits = from_official_checkpoint(tmp_path / "release.pth")(images)
 
-    [predictions] = tmp_path.glob("runs/quickstart/version_*/predictions.pt")
+    # No checkpoint: the outputs go to <save_dir>/<name>/<command>/<init_from name>/.
+    predictions = tmp_path / "runs/quickstart/predict/release/predictions.pt"
     saved = torch.load(predictions, weights_only=True)
     assert saved["files"] == [f.relative_to(tree.path / "val").as_posix() for f in files.files]
     torch.testing.assert_close(saved["probs"], logits.softmax(-1), atol=1e-6, rtol=0)
-    [json_path] = tmp_path.glob("runs/quickstart/version_*/validate_results.json")
+    json_path = tmp_path / "runs/quickstart/validate/release/validate_results.json"
     results = json.loads(json_path.read_text())
     assert results["images"] == 20
     assert results["top1"] == pytest.approx((logits.argmax(-1) == targets).float().mean().item())

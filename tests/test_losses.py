@@ -10,15 +10,14 @@ from torch.utils.data import DataLoader
 
 from refiner_pl.data.token_label import (
     TokenLabelImageFolder,
-    TokenLabelMixup,
     build_token_label_transform,
-    dense_label_targets,
     label_map_path,
     save_label_map,
 )
 from refiner_pl.errors import UserInputError
 from refiner_pl.losses import TokenLabelLoss, attention_similarity_penalty
 from refiner_pl.models.refiner_vit import AttentionMaps, RefinerViT, TokenLabelOutput
+from refiner_pl.token_labelling import TokenLabelMixup, dense_label_targets
 
 
 def soft_ce(logits: list[float], target: list[float]) -> float:

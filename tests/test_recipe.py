@@ -49,12 +49,19 @@ def test_short_recipe_run_trains_schedules_and_validates_the_ema(tmp_path, monke
     # 6 of cosine decay, 3 of cooldown at min_lr. One checkpoint (last.ckpt) at the end.
     fit = RefinerCLI(
         [
-            "fit", *common, *QUIET,
-            "--trainer.max_epochs", "4",
-            "--trainer.log_every_n_steps", "1",
-            "--trainer.check_val_every_n_epoch", "4",
-            "--checkpoint.save_top_k", "0",
-            "--last_checkpoint.every_n_epochs", "4",
+            "fit",
+            *common,
+            *QUIET,
+            "--trainer.max_epochs",
+            "4",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.check_val_every_n_epoch",
+            "4",
+            "--checkpoint.save_top_k",
+            "0",
+            "--last_checkpoint.every_n_epochs",
+            "4",
         ]  # fmt: skip
     )
     trainer, module = fit.trainer, fit.model

@@ -3,6 +3,7 @@ config's run, evaluation writes beside the checkpoint, `fit` says where its outp
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -12,8 +13,10 @@ import pytest
 import torch
 from helpers import QUICKSTART, QUIET
 
-from refiner_pl.data import DigitsDataModule
+from refiner_pl.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
 from refiner_pl.export import main as export_main
+from refiner_pl.module import ImageClassifier
+from refiner_pl.runs import TRAINING_ONLY_DATA_KEYS, TRAINING_ONLY_MODEL_KEYS
 
 TINY = [
     "--config", QUICKSTART, "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "3",
@@ -52,6 +55,35 @@ def test_best_is_the_best_of_all_runs_of_the_config(run_cli, two_runs, tmp_path)
     assert sorted(p.name for p in (tmp_path / "runs" / "quickstart").iterdir()) == [
         "version_0", "version_1", "version_2",
     ]  # fmt: skip
+
+    # Another recipe or augmentation does not make another network: the same file is chosen.
+    result = run_cli(
+        "validate", "--config", QUICKSTART, "--ckpt_path", "best", *QUIET,
+        "--model.init_args.lr", "0.5", "--model.init_args.warmup_epochs", "3",
+        "--data.init_args.augment", "false", "--data.init_args.batch_size", "32",
+    ).check()  # fmt: skip
+    assert f"ckpt_path 'best': {chosen.relative_to(tmp_path)}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("cls", "compared"),
+    [
+        (ImageClassifier, {"model_name", "model_kwargs"}),
+        (DigitsDataModule, {"data_dir", "img_size", "mean", "std", "crop_pct", "interpolation",
+                            "val_fraction", "split_seed"}),
+        (CIFAR10DataModule, {"data_dir", "img_size", "mean", "std", "crop_pct", "interpolation"}),
+        (ImageFolderDataModule, {"data_dir", "img_size", "mean", "std", "crop_pct",
+                                 "interpolation"}),
+    ],
+)  # fmt: skip
+def test_every_setting_is_either_compared_or_training_only(cls, compared):
+    """A new init argument must be placed: does it change the network or the scored data?"""
+    ignored = TRAINING_ONLY_MODEL_KEYS if cls is ImageClassifier else TRAINING_ONLY_DATA_KEYS
+    names = set()
+    for klass in cls.__mro__:  # the datamodules take the base's arguments through **kwargs
+        if "__init__" in vars(klass) and klass.__module__.startswith("refiner_pl"):
+            names |= set(inspect.signature(klass.__init__).parameters) - {"self", "kwargs"}
+    assert names - ignored == compared
 
 
 def test_last_is_the_newest_run_of_the_config(run_cli, two_runs):

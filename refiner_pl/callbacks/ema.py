@@ -282,11 +282,15 @@ def load_ema_weights(checkpoint_path: str | Path) -> dict[str, Tensor]:
     checkpoint = read_checkpoint(checkpoint_path)
     state = checkpoint.get("callbacks", {}).get(STATE_KEY) or {}
     if not state.get("weights"):
-        raise UserInputError(
-            f"{checkpoint_path} holds no EMA weights: it was trained without the EMA callback "
-            "(the `ema` config section); use its raw weights instead"
-        )
+        raise UserInputError(no_ema_weights_message(checkpoint_path))
     return state["weights"]
+
+
+def no_ema_weights_message(checkpoint_path: str | Path) -> str:
+    return (
+        f"{checkpoint_path} holds no EMA weights: it was trained without the EMA callback "
+        "(the `ema` config section); use its raw weights instead"
+    )
 
 
 def has_ema_weights(checkpoint_path: str | Path) -> bool:

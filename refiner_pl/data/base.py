@@ -5,7 +5,6 @@ config fails before training starts), build datasets in :meth:`_build_split` and
 dataloaders from here.
 """
 
-import inspect
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -225,10 +224,9 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self._built: set[Split] = set()
-        # Collects the init args of the whole subclass chain, restricted to the concrete
-        # class's signature so `load_from_checkpoint` can pass them all back to it.
-        own_args = [name for name in inspect.signature(type(self).__init__).parameters][1:]
-        self.save_hyperparameters(*own_args)
+        # Every init arg of the class chain (subclasses forward the base's through **kwargs),
+        # so `load_from_checkpoint` can pass them all back to the concrete class.
+        self.save_hyperparameters()
 
     @property
     def num_classes(self) -> int:

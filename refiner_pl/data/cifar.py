@@ -5,14 +5,14 @@ import shutil
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity
 
-from refiner_pl.data.base import DEFAULT_NUM_WORKERS, ClassificationDataModule, Split
+from refiner_pl.data.base import ClassificationDataModule, Split
 from refiner_pl.data.transforms import build_eval_transform, check_interpolation
 from refiner_pl.errors import UserInputError, first_line
 
@@ -59,22 +59,11 @@ class _CIFARDataModule(ClassificationDataModule):
             ``cifar-100-python/`` (CIFAR-100), or where to download it.
         download: Download (or extract an existing archive in data_dir) if the files are missing.
         img_size: Square side length of the images the model sees; != 32 resizes.
-        batch_size: Batch size per device.
-        num_workers: Dataloader worker processes per device.
-        pin_memory: Pin host memory (only used when CUDA is available).
-        persistent_workers: Keep workers alive between epochs (only when num_workers > 0).
-        mean: Normalisation mean; None uses the dataset's channel mean.
-        std: Normalisation std; None uses the dataset's channel std.
-        crop_pct: Eval resize is img_size / crop_pct before the centre crop; None uses 1.0
-            (the whole image).
-        interpolation: Resize interpolation (used when img_size != 32 or crop_pct < 1).
         hflip: Horizontal flip probability for training.
         padding: Zero padding (in pixels at 32x32) before the random training crop; 0 disables.
-        repeated_aug: Repeated augmentation: copies of each train image per epoch (0: off).
-        predict_dir: Folder of images for ``predict`` (files PIL cannot decode are skipped
-            and reported); None predicts the val split.
-        train_fraction: Train on this share of every class of the train split (drawn from the
-            run's seed; val stays whole); 1 uses all of it.
+        **kwargs: The rest of `ClassificationDataModule`'s arguments (batch_size, mean and
+            std, which default to the dataset's channel statistics, crop_pct, which
+            defaults to 1.0, the whole image, interpolation, predict_dir, ...).
     """
 
     dataset_cls: ClassVar[type[CIFAR10]]
@@ -87,35 +76,11 @@ class _CIFARDataModule(ClassificationDataModule):
         data_dir: str = "data/cifar",
         download: bool = False,
         img_size: int = CIFAR_SIZE,
-        batch_size: int = 64,
-        num_workers: int = DEFAULT_NUM_WORKERS,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
-        crop_pct: float | None = None,
-        interpolation: str = "bicubic",
         hflip: float = 0.5,
         padding: int = 4,
-        repeated_aug: int = 0,
-        predict_dir: str | None = None,
-        train_fraction: float = 1.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            img_size=img_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            mean=mean,
-            std=std,
-            crop_pct=crop_pct,
-            interpolation=interpolation,
-            repeated_aug=repeated_aug,
-            predict_dir=predict_dir,
-            train_fraction=train_fraction,
-        )
+        super().__init__(data_dir=data_dir, img_size=img_size, **kwargs)
         self.root = Path(data_dir).expanduser()
         self.download = download
         if not download:
@@ -124,21 +89,21 @@ class _CIFARDataModule(ClassificationDataModule):
             raise UserInputError(f"hflip is {hflip}: it is a probability, use a value in [0, 1]")
         if padding < 0:
             raise UserInputError(f"padding is {padding}: use >= 0 pixels (0 disables the crop)")
-        check_interpolation("interpolation", interpolation)
+        check_interpolation("interpolation", self.interpolation)
         self.train_transform = build_cifar_train_transform(
-            img_size,
+            self.img_size,
             mean=self.mean,
             std=self.std,
             padding=padding,
             hflip=hflip,
-            interpolation=interpolation,
+            interpolation=self.interpolation,
         )
         self.eval_transform = build_eval_transform(
-            img_size,
+            self.img_size,
             mean=self.mean,
             std=self.std,
             crop_pct=self.crop_pct,
-            interpolation=interpolation,
+            interpolation=self.interpolation,
         )
 
     @property

@@ -1,7 +1,7 @@
 """Offline quickstart data: scikit-learn's handwritten digits, held in memory as tensors."""
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -65,21 +65,13 @@ class DigitsDataModule(ClassificationDataModule):
     Args:
         data_dir: Unused (the data ships with scikit-learn); accepted for config uniformity.
         img_size: Side length the 8x8 digits are upscaled to.
-        batch_size: Batch size per device.
         num_workers: Dataloader workers; 0 is fastest for this in-memory data.
-        pin_memory: Pin host memory (only used when CUDA is available).
-        persistent_workers: Keep workers alive between epochs (only when num_workers > 0).
-        mean: Normalisation mean; None uses the train split's pixel mean.
-        std: Normalisation std; None uses the train split's pixel std.
-        interpolation: Upscaling mode: 'bicubic', 'bilinear' or 'nearest'.
         val_fraction: Fraction of the images held out (stratified) for validation.
         split_seed: Seed of the train/val split, fixed so runs are comparable.
         augment: Apply the random affine augmentation to training images.
-        repeated_aug: Repeated augmentation: copies of each train image per epoch (0: off).
-        predict_dir: Folder of images for ``predict`` (files PIL cannot decode are skipped
-            and reported); None predicts the val split.
-        train_fraction: Train on this share of every class of the train split (drawn from the
-            run's seed; val stays whole); 1 uses all of it.
+        **kwargs: The rest of `ClassificationDataModule`'s arguments (batch_size, mean and
+            std, which default to the train split's pixel statistics, interpolation, which
+            is 'bicubic', 'bilinear' or 'nearest' here, repeated_aug, predict_dir, ...).
     """
 
     # No centre crop: the deployment record and exported metadata say so.
@@ -89,37 +81,21 @@ class DigitsDataModule(ClassificationDataModule):
         self,
         data_dir: str | None = None,
         img_size: int = 32,
-        batch_size: int = 64,
         num_workers: int = 0,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
-        interpolation: str = "bicubic",
         val_fraction: float = 0.2,
         split_seed: int = 0,
         augment: bool = True,
-        repeated_aug: int = 0,
-        predict_dir: str | None = None,
-        train_fraction: float = 1.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            img_size=img_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            mean=mean,
-            std=std,
-            interpolation=interpolation,
-            repeated_aug=repeated_aug,
-            predict_dir=predict_dir,
-            train_fraction=train_fraction,
-        )
-        if interpolation not in RESIZE_MODES:
+        if kwargs.get("crop_pct") is not None:
             raise UserInputError(
-                f"interpolation '{interpolation}' is unknown here: use one of "
+                "crop_pct does not apply to the digits (they fill the frame, nothing is "
+                "cropped): drop data.crop_pct"
+            )
+        super().__init__(data_dir=data_dir, img_size=img_size, num_workers=num_workers, **kwargs)
+        if self.interpolation not in RESIZE_MODES:
+            raise UserInputError(
+                f"interpolation '{self.interpolation}' is unknown here: use one of "
                 f"{', '.join(RESIZE_MODES)}"
             )
         # Stratification needs every one of the 10 classes (~180 images each) in both splits.

@@ -19,7 +19,7 @@ from torchvision.datasets.folder import (
     has_file_allowed_extension,
 )
 
-from refiner_pl.data.base import DEFAULT_NUM_WORKERS, ClassificationDataModule, Split
+from refiner_pl.data.base import ClassificationDataModule, Split
 from refiner_pl.data.predict import DECODE_ERRORS
 from refiner_pl.data.token_label import (
     MissingLabelMaps,
@@ -64,15 +64,6 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     Args:
         data_dir: Root holding ``train/`` and ``val/`` (and optionally ``test/``).
-        img_size: Square side length of the images the model sees.
-        batch_size: Batch size per device.
-        num_workers: Dataloader worker processes per device.
-        pin_memory: Pin host memory (only used when CUDA is available).
-        persistent_workers: Keep workers alive between epochs (only when num_workers > 0).
-        mean: Normalisation mean; None uses the ImageNet mean.
-        std: Normalisation std; None uses the ImageNet std.
-        crop_pct: Eval resize is img_size / crop_pct before the centre crop; None uses 0.875.
-        interpolation: Eval resize interpolation.
         scale: RandomResizedCrop area range (DeiT: 0.08-1).
         ratio: RandomResizedCrop aspect-ratio range (DeiT: 3/4-4/3).
         hflip: Horizontal flip probability (DeiT: 0.5).
@@ -83,20 +74,18 @@ class ImageFolderDataModule(ClassificationDataModule):
         re_prob: RandomErasing probability (DeiT: 0.25).
         re_mode: RandomErasing fill: 'pixel' (per-pixel noise, DeiT), 'rand' or 'const'.
         re_count: Maximum number of erased regions per image.
-        repeated_aug: Repeated augmentation: copies of each train image per epoch (0: off).
         token_label_dir: Token labelling: folder of per-image label maps in the format LV-ViT
             publishes, ``<token_label_dir>/<class>/<image stem>.pt``; train batches then are
             ``(images, targets, LabelMapCrop)``. None: plain classification.
         missing_label_maps: Images without a label map: ``error`` (at construction),
             ``skip`` them, or ``class_label`` (a map of the image's own class).
-        predict_dir: Folder of images for ``predict`` (files PIL cannot decode are skipped
-            and reported); None predicts the val split.
         bad_images: A training image that cannot be decoded (damaged, truncated, not an
             image): ``error`` stops with one line naming the file; ``skip`` trains on the next
             image in its place and logs the file with the count so far. Val/test images
             that cannot be decoded are always an error (skipping would change the scores).
-        train_fraction: Train on this share of every class of the train split (drawn from the
-            run's seed; val stays whole); 1 uses all of it.
+        **kwargs: The rest of `ClassificationDataModule`'s arguments (img_size, batch_size,
+            mean/std, which default to ImageNet's, crop_pct, which defaults to 0.875,
+            interpolation, repeated_aug, predict_dir, train_fraction, ...).
     """
 
     layout: ClassVar[str] = (
@@ -107,15 +96,6 @@ class ImageFolderDataModule(ClassificationDataModule):
     def __init__(
         self,
         data_dir: str,
-        img_size: int = 224,
-        batch_size: int = 64,
-        num_workers: int = DEFAULT_NUM_WORKERS,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
-        crop_pct: float | None = None,
-        interpolation: str = "bicubic",
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
@@ -125,28 +105,12 @@ class ImageFolderDataModule(ClassificationDataModule):
         re_prob: float = 0.25,
         re_mode: str = "pixel",
         re_count: int = 1,
-        repeated_aug: int = 0,
         token_label_dir: str | None = None,
         missing_label_maps: MissingLabelMaps = "error",
-        predict_dir: str | None = None,
         bad_images: BadImages = "error",
-        train_fraction: float = 1.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            img_size=img_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            mean=mean,
-            std=std,
-            crop_pct=crop_pct,
-            interpolation=interpolation,
-            repeated_aug=repeated_aug,
-            predict_dir=predict_dir,
-            train_fraction=train_fraction,
-        )
+        super().__init__(data_dir=data_dir, **kwargs)
         if bad_images not in get_args(BadImages):
             raise UserInputError(
                 f"bad_images={bad_images!r} is unknown: use one of {list(get_args(BadImages))}"
@@ -172,7 +136,7 @@ class ImageFolderDataModule(ClassificationDataModule):
                 )
         # Built here (cheap) so that a bad augmentation setting fails at construction.
         self.train_transform = build_train_transform(
-            img_size,
+            self.img_size,
             mean=self.mean,
             std=self.std,
             scale=scale,
@@ -186,11 +150,11 @@ class ImageFolderDataModule(ClassificationDataModule):
             re_count=re_count,
         )
         self.eval_transform = build_eval_transform(
-            img_size,
+            self.img_size,
             mean=self.mean,
             std=self.std,
             crop_pct=self.crop_pct,
-            interpolation=interpolation,
+            interpolation=self.interpolation,
         )
         # Token labelling: the train split carries each image's label map, cut to its crop.
         # Built here, so missing maps are reported before any run starts.

@@ -118,8 +118,13 @@ def test_trainer_runs_fit_validate_and_test():
 def test_hyperparameters_hold_exactly_the_init_args():
     dm = DigitsDataModule(batch_size=16, split_seed=3)
     assert dm.hparams["batch_size"] == 16 and dm.hparams["split_seed"] == 3
-    assert "crop_pct" not in dm.hparams  # so DigitsDataModule(**hparams) works from a checkpoint
-    assert DigitsDataModule(**dm.hparams).hparams == dm.hparams
+    assert dm.hparams["crop_pct"] is None  # the base's arguments, forwarded through **kwargs
+    assert DigitsDataModule(**dm.hparams).hparams == dm.hparams  # as load_from_checkpoint does
+
+
+def test_a_crop_for_the_digits_is_refused():
+    with pytest.raises(UserInputError, match="crop_pct does not apply to the digits"):
+        DigitsDataModule(crop_pct=0.875)
 
 
 @pytest.mark.parametrize(

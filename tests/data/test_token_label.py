@@ -16,21 +16,23 @@ from torchvision import transforms
 
 from refiner_pl.data.token_label import (
     CLASS_LABEL_LOGIT,
-    LabelMapCrop,
     RandomResizedCropFlip,
     TokenLabelImageFolder,
-    TokenLabelMixup,
     TokenLabelTransform,
     build_token_label_transform,
-    crop_label_maps,
-    crop_label_target,
-    dense_label_targets,
     label_map_path,
     load_label_map,
     save_label_map,
 )
 from refiner_pl.data.transforms import build_train_transform
 from refiner_pl.errors import UserInputError
+from refiner_pl.token_labelling import (
+    LabelMapCrop,
+    TokenLabelMixup,
+    crop_label_maps,
+    crop_label_target,
+    dense_label_targets,
+)
 
 MEAN_STD = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # images stay in [0, 1]
 PLAIN = {"auto_augment": None, "color_jitter": 0.0, "re_prob": 0.0, **MEAN_STD}

@@ -52,17 +52,26 @@ def test_eval_logits_match_release(release_fixture, fast_kernels):
     torch.testing.assert_close(aux, release_fixture["eval_logits_aux_tokens"], atol=1e-5, rtol=0)
 
 
-def test_train_logits_match_release_with_mixtoken_off(release_fixture, fast_kernels):
-    model = from_official_checkpoint(release_fixture["state_dict"]).train()
+# Train mode normalises by the statistics of a 4-image batch, where float32 rounding is
+# large: the release's own float32 outputs are 8.5e-6 from the exact (float64) values. So the
+# computation is checked in float64 at the fixture's 1e-5, and float32 (which rounds on both
+# sides, differently on every CPU) within twice that.
+TRAIN_FP32_ATOL = 2e-5
+
+
+@pytest.mark.parametrize(
+    ("dtype", "atol"), [(torch.float64, 1e-5), (torch.float32, TRAIN_FP32_ATOL)]
+)
+def test_train_logits_match_release_with_mixtoken_off(release_fixture, fast_kernels, dtype, atol):
+    model = from_official_checkpoint(release_fixture["state_dict"]).to(dtype).train()
     with torch.no_grad():
-        out = model.forward_train(release_fixture["input"], mix_token=False)
+        out = model.forward_train(release_fixture["input"].to(dtype), mix_token=False)
     assert out.box is None and out.lam == 1.0
-    torch.testing.assert_close(
-        out.cls_logits, release_fixture["train_logits_cls"], atol=1e-5, rtol=0
-    )
-    torch.testing.assert_close(
-        out.aux_logits, release_fixture["train_logits_aux_tokens"], atol=1e-5, rtol=0
-    )
+    for got, key in (
+        (out.cls_logits, "train_logits_cls"),
+        (out.aux_logits, "train_logits_aux_tokens"),
+    ):
+        torch.testing.assert_close(got.float(), release_fixture[key], atol=atol, rtol=0)
 
 
 def test_release_config_is_inferred_from_tensors(release_fixture):
