@@ -57,14 +57,15 @@ class SigtermAfterStep(L.Callback):
 
 @pytest.mark.slow
 def test_sigterm_saves_a_resumable_last_checkpoint_and_exits_143(tmp_path):
-    # The quickstart for 2 epochs of 22 steps, stopped by SIGTERM after step 22 + 11 (the
+    # The quickstart for 2 epochs of 8 steps, stopped by SIGTERM after step 8 + 4 (the
     # middle of the run and of epoch 1); rerunning the same command finishes it.
     args = [
         "fit", "--config", QUICKSTART, "--trainer.max_epochs", "2",
-        "--trainer.logger.init_args.version", "0", *QUIET,
+        "--trainer.limit_train_batches", "8", "--trainer.limit_val_batches", "2",
+        "--precise_bn.num_batches", "2", "--trainer.logger.init_args.version", "0", *QUIET,
     ]  # fmt: skip
     stop = tmp_path / "stop.yaml"
-    callback = {"class_path": "test_faults.SigtermAfterStep", "init_args": {"step": 33}}
+    callback = {"class_path": "test_faults.SigtermAfterStep", "init_args": {"step": 12}}
     stop.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
     env = {**os.environ, "PYTHONPATH": TESTS}
     stopped_dir, reference_dir = tmp_path / "stopped", tmp_path / "reference"
@@ -75,10 +76,10 @@ def test_sigterm_saves_a_resumable_last_checkpoint_and_exits_143(tmp_path):
         cwd=stopped_dir, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert stopped.returncode == 143, stopped.stderr[-3000:]
-    assert "stopped by SIGTERM at epoch 1, step 33" in stopped.stderr
+    assert "stopped by SIGTERM at epoch 1, step 12" in stopped.stderr
     last = stopped_dir / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=True)
-    assert (saved["epoch"], saved["global_step"]) == (1, 33)
+    assert (saved["epoch"], saved["global_step"]) == (1, 12)
     assert not (last.parent.parent / ".lock").exists()  # released on the way out
 
     run_cli_in_process(*args, cwd=stopped_dir).check()  # the same command resumes
@@ -90,7 +91,7 @@ def test_sigterm_saves_a_resumable_last_checkpoint_and_exits_143(tmp_path):
         )
         for name, folder in (("resumed", stopped_dir), ("reference", reference_dir))
     }
-    assert final["resumed"]["global_step"] == final["reference"]["global_step"] == 44
+    assert final["resumed"]["global_step"] == final["reference"]["global_step"] == 16
     for key, expected in final["reference"]["state_dict"].items():
         torch.testing.assert_close(
             final["resumed"]["state_dict"][key], expected, rtol=0, atol=1e-6, msg=key

@@ -6,12 +6,13 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime
 import pytest
 import torch
-from helpers import QUICKSTART, QUIET
+from helpers import QUICKSTART, QUIET, run_cli_in_process
 
 from refiner_pl.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
 from refiner_pl.export import main as export_main
@@ -24,45 +25,64 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture
-def two_runs(run_cli, tmp_path) -> dict[str, Path]:
+@dataclass
+class TwoRuns:
+    folder: Path  # the working directory of the runs
+    long: Path
+    smoke: Path
+    other: Path
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> TwoRuns:
     """A longer run (10 train batches) and then a smoke run (2 batches) of one config, and a
-    run of other data (16 px images) after them, in one runs folder."""
-    run_cli("fit", *TINY, "--trainer.limit_train_batches", "10").check()
-    run_cli("fit", *TINY, "--trainer.limit_train_batches", "2").check()
-    run_cli("fit", *TINY, "--trainer.limit_train_batches", "2", "--data.init_args.img_size", "16")
-    root = tmp_path / "runs" / "quickstart"
-    return {name: root / f"version_{n}" for n, name in enumerate(("long", "smoke", "other"))}
+    run of other data (16 px images) after them, in one runs folder (shared: the tests only
+    evaluate them, which takes no new version)."""
+    folder = tmp_path_factory.mktemp("two_runs")
+    for extra in (["10"], ["2"], ["2", "--data.init_args.img_size", "16"]):
+        args = ("fit", *TINY, "--trainer.limit_train_batches", *extra)
+        run_cli_in_process(*args, cwd=folder).check()
+    root = folder / "runs" / "quickstart"
+    return TwoRuns(folder, *(root / f"version_{n}" for n in range(3)))
 
 
 def _best_score(run: Path) -> float:
     return float(next((run / "checkpoints").glob("epoch=*")).stem.split("val_acc1=")[1])
 
 
-def test_best_is_the_best_of_all_runs_of_the_config(run_cli, two_runs, tmp_path):
-    assert _best_score(two_runs["long"]) > _best_score(two_runs["smoke"])
-    result = run_cli("validate", "--config", QUICKSTART, "--ckpt_path", "best", *QUIET).check()
-    chosen = next((two_runs["long"] / "checkpoints").glob("epoch=*"))
-    assert f"ckpt_path 'best': {chosen.relative_to(tmp_path)}" in result.stderr
+def test_best_is_the_best_of_all_runs_of_the_config(run_cli, two_runs):
+    assert _best_score(two_runs.long) > _best_score(two_runs.smoke)
+    best = ("validate", "--config", QUICKSTART, "--ckpt_path", "best", *QUIET)
+    result = run_cli(*best, cwd=two_runs.folder).check()
+    chosen = next((two_runs.long / "checkpoints").glob("epoch=*"))
+    assert f"ckpt_path 'best': {chosen.relative_to(two_runs.folder)}" in result.stderr
     assert "(run runs/quickstart/version_0, val/acc1" in result.stderr
     # the run of other data is never used, and the line names what differs
     assert "skipped run runs/quickstart/version_2: data.img_size=32 (checkpoint: 16)" in (
         result.stderr
     )
     # results beside the checkpoint; no new training version
-    results = two_runs["long"] / "validate" / chosen.stem / "validate_results.json"
+    results = two_runs.long / "validate" / chosen.stem / "validate_results.json"
     assert results.is_file()
-    assert sorted(p.name for p in (tmp_path / "runs" / "quickstart").iterdir()) == [
+    assert sorted(p.name for p in two_runs.long.parent.iterdir()) == [
         "version_0", "version_1", "version_2",
     ]  # fmt: skip
 
     # Another recipe or augmentation does not make another network: the same file is chosen.
     result = run_cli(
-        "validate", "--config", QUICKSTART, "--ckpt_path", "best", *QUIET,
-        "--model.init_args.lr", "0.5", "--model.init_args.warmup_epochs", "3",
+        *best, "--model.init_args.lr", "0.5", "--model.init_args.warmup_epochs", "3",
         "--data.init_args.augment", "false", "--data.init_args.batch_size", "32",
+        cwd=two_runs.folder,
     ).check()  # fmt: skip
-    assert f"ckpt_path 'best': {chosen.relative_to(tmp_path)}" in result.stderr
+    assert f"ckpt_path 'best': {chosen.relative_to(two_runs.folder)}" in result.stderr
+
+
+def test_last_is_the_newest_run_of_the_config(run_cli, two_runs):
+    last = ("validate", "--config", QUICKSTART, "--ckpt_path", "last", *QUIET)
+    result = run_cli(*last, cwd=two_runs.folder).check()
+    assert "version_1/checkpoints/last.ckpt (run runs/quickstart/version_1, epoch 0" in (
+        result.stderr
+    )
 
 
 @pytest.mark.parametrize(
@@ -84,13 +104,6 @@ def test_every_setting_is_either_compared_or_training_only(cls, compared):
         if "__init__" in vars(klass) and klass.__module__.startswith("refiner_pl"):
             names |= set(inspect.signature(klass.__init__).parameters) - {"self", "kwargs"}
     assert names - ignored == compared
-
-
-def test_last_is_the_newest_run_of_the_config(run_cli, two_runs):
-    result = run_cli("validate", "--config", QUICKSTART, "--ckpt_path", "last", *QUIET).check()
-    assert "version_1/checkpoints/last.ckpt (run runs/quickstart/version_1, epoch 0" in (
-        result.stderr
-    )
 
 
 def test_no_run_of_the_config_is_one_line(run_cli, tmp_path):
