@@ -8,6 +8,7 @@ dataloaders from here.
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from typing import ClassVar, Literal
 
 import lightning as L
@@ -327,9 +328,9 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         dataset = self.test_set if self.test_set is not None else self.val_set
         return self._loader(self._require(dataset, "test", "test"), train=False)
 
-    @property
-    def predict_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """PIL image -> normalised tensor for ``predict_dir`` images: the eval preprocessing."""
+    @cached_property
+    def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image -> normalised tensor: resize to img_size / crop_pct, centre-crop, normalise."""
         return build_eval_transform(
             self.img_size,
             mean=self.mean,
@@ -337,6 +338,11 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
             crop_pct=self.crop_pct,
             interpolation=self.interpolation,
         )
+
+    @property
+    def predict_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """The preprocessing of ``predict_dir`` images: the eval preprocessing."""
+        return self.eval_transform
 
     def predict_dataloader(self) -> DataLoader:
         """The ``predict_dir`` images, else the val split, in file / dataset order."""

@@ -13,7 +13,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity
 
 from refiner_pl.data.base import ClassificationDataModule, Split
-from refiner_pl.data.transforms import build_eval_transform, check_interpolation
+from refiner_pl.data.transforms import check_interpolation
 from refiner_pl.errors import UserInputError, first_line
 
 CIFAR_SIZE = 32  # native resolution; padding is given in pixels at this size
@@ -96,13 +96,6 @@ class _CIFARDataModule(ClassificationDataModule):
             std=self.std,
             padding=padding,
             hflip=hflip,
-            interpolation=self.interpolation,
-        )
-        self.eval_transform = build_eval_transform(
-            self.img_size,
-            mean=self.mean,
-            std=self.std,
-            crop_pct=self.crop_pct,
             interpolation=self.interpolation,
         )
 

@@ -26,7 +26,7 @@ from refiner_pl.data.token_label import (
     TokenLabelImageFolder,
     TokenLabelTransform,
 )
-from refiner_pl.data.transforms import build_eval_transform, build_train_transform
+from refiner_pl.data.transforms import build_train_transform, check_interpolation
 from refiner_pl.errors import UserInputError
 
 _logger = logging.getLogger(__name__)
@@ -135,6 +135,7 @@ class ImageFolderDataModule(ClassificationDataModule):
                     f"give {split}/ exactly the class folders of train/"
                 )
         # Built here (cheap) so that a bad augmentation setting fails at construction.
+        check_interpolation("interpolation", self.interpolation)
         self.train_transform = build_train_transform(
             self.img_size,
             mean=self.mean,
@@ -148,13 +149,6 @@ class ImageFolderDataModule(ClassificationDataModule):
             re_prob=re_prob,
             re_mode=re_mode,
             re_count=re_count,
-        )
-        self.eval_transform = build_eval_transform(
-            self.img_size,
-            mean=self.mean,
-            std=self.std,
-            crop_pct=self.crop_pct,
-            interpolation=self.interpolation,
         )
         # Token labelling: the train split carries each image's label map, cut to its crop.
         # Built here, so missing maps are reported before any run starts.
