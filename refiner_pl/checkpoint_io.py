@@ -49,8 +49,9 @@ __all__ = [
 ]
 
 DIGEST_KEY = "refiner_pl_digest"
-_NOTED_UNVERIFIED: set[Path] = set()
 """Key of ``{"sha256": hex}`` in every dict this project saves."""
+
+_NOTED_UNVERIFIED: set[Path] = set()  # files already named in a "no checksum" note
 
 
 class NonFiniteCheckpointError(UserInputError):
@@ -89,8 +90,9 @@ def verify_digest(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> boo
     """Checks a loaded checkpoint against the digest saved in it; False when it has none."""
     recorded = checkpoint.get(DIGEST_KEY)
     if not isinstance(recorded, Mapping) or "sha256" not in recorded:
-        if Path(path).resolve() not in _NOTED_UNVERIFIED:  # once per file, however often read
-            _NOTED_UNVERIFIED.add(Path(path).resolve())
+        resolved = Path(path).resolve()
+        if resolved not in _NOTED_UNVERIFIED:  # once per file, however often it is read
+            _NOTED_UNVERIFIED.add(resolved)
             say(
                 f"note: {path} carries no checksum (a release file, or written by an older "
                 "version): loaded unverified"

@@ -25,8 +25,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from refiner_pl.callbacks.ema import STATE_KEY as EMA_STATE_KEY
-from refiner_pl.callbacks.ema import no_ema_weights_message
+from refiner_pl.callbacks.ema import ema_weights_in, no_ema_weights_message
 from refiner_pl.checkpoint_io import read_checkpoint, verify_digest
 from refiner_pl.errors import UserInputError, first_line
 from refiner_pl.lightning_compat import ensure_train_dataloader, tensorboard_file_writer
@@ -508,9 +507,9 @@ def network_from_checkpoint(ckpt_path: str | Path, ema: bool | None = None) -> T
             "state_dict): pass a .ckpt written by `python cli.py fit`"
         )
     hparams = dict(checkpoint["hyper_parameters"])
-    ema_weights = (checkpoint.get("callbacks", {}).get(EMA_STATE_KEY) or {}).get("weights")
-    use_ema = bool(ema_weights) if ema is None else ema
-    if use_ema and not ema_weights:
+    ema_weights = ema_weights_in(checkpoint)
+    use_ema = ema_weights is not None if ema is None else ema
+    if use_ema and ema_weights is None:
         raise UserInputError(no_ema_weights_message(ckpt_path))
     verify_digest(checkpoint, ckpt_path)
     deployment = dict(checkpoint.get(DEPLOYMENT_KEY) or {})

@@ -19,6 +19,7 @@ weights the evaluation loops score.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -279,14 +280,19 @@ def load_ema_weights(checkpoint_path: str | Path) -> dict[str, Tensor]:
     ``ImageClassifier.load_from_checkpoint(path).model.load_state_dict(load_ema_weights(path))``
     gives a module with the EMA weights, e.g. to export them.
     """
-    checkpoint = read_checkpoint(checkpoint_path)
-    state = checkpoint.get("callbacks", {}).get(STATE_KEY) or {}
-    if not state.get("weights"):
+    weights = ema_weights_in(read_checkpoint(checkpoint_path))
+    if not weights:
         raise UserInputError(no_ema_weights_message(checkpoint_path))
-    return state["weights"]
+    return weights
+
+
+def ema_weights_in(checkpoint: Mapping[str, Any]) -> dict[str, Tensor] | None:
+    """The `EMA` weights of a loaded Lightning checkpoint; None when it has none."""
+    return (checkpoint.get("callbacks", {}).get(STATE_KEY) or {}).get("weights") or None
 
 
 def no_ema_weights_message(checkpoint_path: str | Path) -> str:
+    """The error line for a request of EMA weights that a checkpoint does not hold."""
     return (
         f"{checkpoint_path} holds no EMA weights: it was trained without the EMA callback "
         "(the `ema` config section); use its raw weights instead"
@@ -296,4 +302,4 @@ def no_ema_weights_message(checkpoint_path: str | Path) -> str:
 def has_ema_weights(checkpoint_path: str | Path) -> bool:
     """Whether a checkpoint carries `EMA` weights (reads no tensor data)."""
     checkpoint = read_checkpoint(checkpoint_path, verify=False)  # memory-mapped, no tensor read
-    return bool((checkpoint.get("callbacks", {}).get(STATE_KEY) or {}).get("weights"))
+    return ema_weights_in(checkpoint) is not None
