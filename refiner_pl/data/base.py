@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 from refiner_pl.data.predict import ImageFiles, check_predict_dir, collate_predict_items
 from refiner_pl.data.resume import ResumableDataLoader, ResumableSampler, SeededSamples
-from refiner_pl.data.transforms import build_eval_transform
+from refiner_pl.data.transforms import build_eval_transform, check_interpolation
 from refiner_pl.errors import UserInputError
 from refiner_pl.lightning_compat import batches_done_this_epoch
 from refiner_pl.seeding import global_seed
@@ -217,6 +217,7 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.crop_pct = self.default_crop_pct if crop_pct is None else crop_pct
+        self._check_interpolation(interpolation)
         self.interpolation = interpolation
         self._img_size = img_size
         self._mean = None if mean is None else check_triplet("mean", mean)
@@ -228,6 +229,10 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         # Every init arg of the class chain (subclasses forward the base's through **kwargs),
         # so `load_from_checkpoint` can pass them all back to the concrete class.
         self.save_hyperparameters()
+
+    def _check_interpolation(self, interpolation: str) -> None:
+        """Rejects a resize mode this dataset's preprocessing cannot use, in one line."""
+        check_interpolation("interpolation", interpolation)
 
     @property
     def num_classes(self) -> int:

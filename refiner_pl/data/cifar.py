@@ -13,7 +13,6 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity
 
 from refiner_pl.data.base import ClassificationDataModule, Split
-from refiner_pl.data.transforms import check_interpolation
 from refiner_pl.errors import UserInputError, first_line
 
 CIFAR_SIZE = 32  # native resolution; padding is given in pixels at this size
@@ -89,7 +88,6 @@ class _CIFARDataModule(ClassificationDataModule):
             raise UserInputError(f"hflip is {hflip}: it is a probability, use a value in [0, 1]")
         if padding < 0:
             raise UserInputError(f"padding is {padding}: use >= 0 pixels (0 disables the crop)")
-        check_interpolation("interpolation", self.interpolation)
         self.train_transform = build_cifar_train_transform(
             self.img_size,
             mean=self.mean,

@@ -93,11 +93,6 @@ class DigitsDataModule(ClassificationDataModule):
                 "cropped): drop data.crop_pct"
             )
         super().__init__(data_dir=data_dir, img_size=img_size, num_workers=num_workers, **kwargs)
-        if self.interpolation not in RESIZE_MODES:
-            raise UserInputError(
-                f"interpolation '{self.interpolation}' is unknown here: use one of "
-                f"{', '.join(RESIZE_MODES)}"
-            )
         # Stratification needs every one of the 10 classes (~180 images each) in both splits.
         if not 0.05 <= val_fraction <= 0.95:
             raise UserInputError(
@@ -107,6 +102,14 @@ class DigitsDataModule(ClassificationDataModule):
         self.split_seed = split_seed
         self.augment = augment
         self._arrays: dict[str, torch.Tensor] | None = None
+
+    def _check_interpolation(self, interpolation: str) -> None:
+        """The digits are upscaled with ``F.interpolate``, which knows only these modes."""
+        if interpolation not in RESIZE_MODES:
+            raise UserInputError(
+                f"interpolation '{interpolation}' is unknown here: use one of "
+                f"{', '.join(RESIZE_MODES)}"
+            )
 
     @property
     def class_names(self) -> list[str]:

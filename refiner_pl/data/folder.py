@@ -26,7 +26,7 @@ from refiner_pl.data.token_label import (
     TokenLabelImageFolder,
     TokenLabelTransform,
 )
-from refiner_pl.data.transforms import build_train_transform, check_interpolation
+from refiner_pl.data.transforms import build_train_transform
 from refiner_pl.errors import UserInputError
 
 _logger = logging.getLogger(__name__)
@@ -135,7 +135,6 @@ class ImageFolderDataModule(ClassificationDataModule):
                     f"give {split}/ exactly the class folders of train/"
                 )
         # Built here (cheap) so that a bad augmentation setting fails at construction.
-        check_interpolation("interpolation", self.interpolation)
         self.train_transform = build_train_transform(
             self.img_size,
             mean=self.mean,
