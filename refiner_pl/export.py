@@ -34,14 +34,17 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 from jsonargparse import auto_cli
+from lightning.pytorch.cli import LightningCLI
 from timm.data import ImageNetInfo, resolve_model_data_config
 from torch import nn
 
 from refiner_pl import runs
 from refiner_pl.checkpoint_io import read_checkpoint, verify_digest
+from refiner_pl.cli import RefinerCLI
 from refiner_pl.errors import UserInputError, reporting_user_errors
 from refiner_pl.models import from_official_checkpoint
 from refiner_pl.module import network_from_checkpoint
+from refiner_pl.parser import RefinerArgumentParser
 from refiner_pl.runs import CKPT_ALIASES
 
 Format = Literal["onnx", "exported_program", "torchscript"]
@@ -357,9 +360,6 @@ def resolve_alias_of_config(alias: str, config: str | None) -> str:
             f"--ckpt_path {alias} picks among the runs of a training config: add "
             "--train_config (e.g. configs/quickstart.yaml) or pass a checkpoint file"
         )
-    from lightning.pytorch.cli import LightningCLI
-
-    from refiner_pl.cli import RefinerCLI
 
     class Resolved(Exception):
         pass
@@ -380,15 +380,13 @@ def resolve_alias_of_config(alias: str, config: str | None) -> str:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m refiner_pl.export``: bad input is one ``error:`` line."""
-    from refiner_pl.parser import RefinerArgumentParser  # as cli.py does
-
     try:
         with reporting_user_errors():
             auto_cli(
                 export,
                 args=args,
                 as_positional=False,
-                parser_class=RefinerArgumentParser,
+                parser_class=RefinerArgumentParser,  # one error line, as cli.py
                 prog="python -m refiner_pl.export",
             )
     except ExportMismatchError as err:
