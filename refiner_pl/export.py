@@ -232,7 +232,9 @@ def export_network(
         program = torch.export.export(network, (example,), dynamic_shapes=({0: batch},))
         torch.export.save(program, out)
     elif format == "torchscript":
-        with warnings.catch_warnings():
+        # no_grad: with autograd on, trace's own check fails on parameters that require
+        # grad ("Graphs differed across invocations"); an export is inference anyway.
+        with warnings.catch_warnings(), torch.no_grad():
             # Deprecation notices, and tracer notes on shape checks that the trace fixes to
             # the traced image size, which is the size the model is built for.
             warnings.simplefilter("ignore")

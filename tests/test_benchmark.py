@@ -3,6 +3,7 @@
 import json
 import sys
 
+import pytest
 import torch
 
 from refiner_pl import benchmark
@@ -31,6 +32,8 @@ def test_throughput_command_writes_a_table_and_json(tmp_path, monkeypatch, capsy
     assert "refiner_vit_tiny" in table and "ratio" in table and f"wrote {out}" in table
 
 
+# slow: starts a process (~11 s)
+@pytest.mark.slow
 def test_peak_memory_of_a_step_is_measured_in_a_fresh_process():
     cfg = dict(
         model="refiner_vit_tiny", model_kwargs={}, checkpointing="off", img_size=32,

@@ -2,7 +2,8 @@
 
 Data files need a dataset on disk: the tests point them at the tiny generated ones. GPU files
 run with ``--trainer.accelerator cpu --trainer.devices 1 --trainer.num_nodes 1``; the DDP ones
-in a subprocess, so no process group is ever created inside pytest. The FSDP file is the
+launch real ranks in tests/test_distributed.py, so no process group is ever created inside
+pytest. The FSDP file is the
 exception: Lightning runs FSDP on CUDA only (see ``FSDP`` below). The ImageNet presets are
 overlays of configs/imagenet/base.yaml and always run on top of it.
 """
@@ -26,7 +27,7 @@ MODELS = ["model/plain_vit_tiny.yaml", "model/refiner_vit_tiny.yaml", "model/ref
           "model/refiner_vit_m.yaml", "model/refiner_vit_l.yaml"]  # fmt: skip
 TRAINERS = ["trainer/cpu.yaml", "trainer/gpu_bf16.yaml", "trainer/gpu_fp16.yaml",
             "trainer/gpu_bf16_accum8.yaml"]  # fmt: skip
-DDP = ["trainer/ddp_bf16.yaml", "trainer/ddp_2x8_bf16.yaml"]
+DDP = ["trainer/ddp_bf16.yaml", "trainer/ddp_2x8_bf16.yaml"]  # see tests/test_distributed.py
 IMAGENET = ["refiner_vit_s", "refiner_vit_m", "refiner_vit_l", "finetune_refiner_vit_l_448"]
 # Lightning runs FSDP on CUDA only: tests/test_distributed.py builds its strategy instead.
 FSDP = ["trainer/fsdp_bf16.yaml"]
@@ -66,14 +67,20 @@ def test_data_config(config, run_in_process, cifar_root, jpeg_tree):
     run_in_process("--config", QUICKSTART, *args, *FAST)
 
 
-@pytest.mark.parametrize("config", MODELS)
+SLOW = pytest.mark.slow
+
+
+# M and L are slow: building 55-81 M parameters takes seconds
+@pytest.mark.parametrize(
+    "config",
+    [pytest.param(c, marks=SLOW) if c.endswith(("_m.yaml", "_l.yaml")) else c for c in MODELS],
+)
 def test_model_config(config, run_in_process):
     model = ["--model", str(CONFIGS / config), "--data.batch_size", "4"]
     run_in_process("--config", QUICKSTART, *model, *FAST)
 
 
 # mixed precision on the CPU (bf16 autocast) is slow: the GPU files are slow tests
-SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize(
@@ -105,14 +112,11 @@ def imagenet_args(preset: str, tmp_path: Path, data_dir: Path) -> list[str]:
 
 # The ImageNet recipe's DDP strategy as written in base.yaml runs with one preset; the other
 # presets only change the model and data, and run in this process on the default strategy.
+# The DDP trainer files launch real ranks in tests/test_distributed.py: ddp_bf16.yaml in its
+# 2-process fit, ddp_2x8_bf16.yaml in the torchrun test.
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [*DDP, "imagenet/refiner_vit_s.yaml"])
-def test_ddp_config_in_a_subprocess(config, tmp_path, jpeg_tree):
-    if config.startswith("imagenet/"):
-        args = imagenet_args(Path(config).stem, tmp_path, jpeg_tree.path)
-    else:
-        args = ["--config", QUICKSTART, "--trainer", str(CONFIGS / config)]
-        args += ["--data.batch_size", "8"]
+def test_imagenet_recipe_ddp_in_a_subprocess(tmp_path, jpeg_tree):
+    args = imagenet_args("refiner_vit_s", tmp_path, jpeg_tree.path)
     run_cli_subprocess("fit", *args, *ON_CPU, *FAST, cwd=tmp_path).check()
 
 

@@ -37,12 +37,16 @@ def test_cpu_smoke_runs_every_check_and_writes_both_reports(tmp_path):
     assert fixture["max_abs_diff_eval_logits"] <= device_check.FIXTURE_ATOL
     assert checks["fused_cpu_path"]["numbers"]["calls_train_fp32"] > 0  # the probe sees it
     assert checks["fused_cpu_path"]["numbers"]["calls_train_bf16"] == 0
+    smoke = device_check.CPU_SMOKE
+    steps_per_epoch = smoke.classes * smoke.train_per_class // smoke.fit_batch
     for precision in ("16-mixed", "bf16-mixed"):
         fit = checks[f"fit_{precision.replace('-', '_')}"]["numbers"]
-        assert fit["steps"] == 30 and fit["last5_mean_loss"] < fit["first5_mean_loss"]
+        assert fit["steps"] == steps_per_epoch * smoke.fit_epochs
+        assert fit["last5_mean_loss"] < fit["first5_mean_loss"]
     resume = checks["resume_last"]["numbers"]
-    assert (resume["stopped_at_step"], resume["resumed_from_step"]) == (18, 18)
-    assert resume["final_step"] == 30
+    stop = steps_per_epoch * smoke.resume_stop_epoch
+    assert (resume["stopped_at_step"], resume["resumed_from_step"]) == (stop, stop)
+    assert resume["final_step"] == steps_per_epoch * smoke.fit_epochs
     assert resume["max_rel_loss_diff_vs_uninterrupted"] <= device_check.RESUME_RTOL
     assert checks["compile"]["numbers"]["max_rel_loss_diff"] <= device_check.COMPILE_RTOL
     assert "graph_breaks_train_refiner_ckpt" in checks["compile"]["numbers"]

@@ -100,10 +100,15 @@ def best_val_acc1(checkpoint: dict) -> float:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> tuple[Path, CliResult]:
-    """A 2-process DDP quickstart fit (2 epochs of 3 steps); its run folder and result."""
+    """A 2-process DDP quickstart fit (2 epochs of 3 steps) with configs/trainer/ddp_bf16.yaml
+    on the CPU in fp32 (bf16 steps are slow here); its run folder and result. The other DDP
+    file, ddp_2x8_bf16.yaml, is the torchrun test's."""
     cwd = tmp_path_factory.mktemp("ddp")
+    trainer = ["--trainer", str(REPO / "configs" / "trainer" / "ddp_bf16.yaml")]
+    trainer += ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true"]
+    epochs = ["--trainer.max_epochs", "2"]
     fit = run_separately(
-        "fit", "--config", QUICKSTART, *TWO_PROCESSES, "--trainer.max_epochs", "2", *SHORT, cwd=cwd
+        "fit", "--config", QUICKSTART, *trainer, *TWO_PROCESSES, *epochs, *SHORT, cwd=cwd
     )
     return cwd / "runs" / "quickstart" / "version_0", fit
 

@@ -121,6 +121,8 @@ def test_command_exports_the_ema_weights_of_a_trained_checkpoint(onnx_extra, tra
     assert max_diff(path, "onnx", raw, 5) > 1e-3  # the EMA weights, not the raw ones
 
 
+# slow: a second ONNX export of the trained checkpoint (torch.export + onnxruntime, ~14 s)
+@pytest.mark.slow
 def test_command_exports_the_raw_weights_when_asked(onnx_extra, trained_ckpt, tmp_path):
     out = tmp_path / "nested" / "raw.onnx"
     main(["--ckpt_path", str(trained_ckpt), "--ema", "false", "--out", str(out), "--opset", "18"])
@@ -129,6 +131,8 @@ def test_command_exports_the_raw_weights_when_asked(onnx_extra, trained_ckpt, tm
         assert max_diff(out, "onnx", raw, batch) <= ATOL
 
 
+# slow: an ONNX export of the release fixture (~13 s)
+@pytest.mark.slow
 def test_release_checkpoint_exports(onnx_extra, tmp_path):
     out = tmp_path / "release.onnx"
     main(["--ckpt_path", str(RELEASE), "--out", str(out)])
@@ -152,12 +156,12 @@ def test_other_formats_match_pytorch(trained_ckpt, format, suffix, capsys):
 
 def test_check_catches_an_export_that_computes_something_else(tmp_path):
     network = randomised_tiny()
-    path = export_network(network, tmp_path / "tiny.pt2", "exported_program", (3, 32, 32))
-    assert check_export(path, network, "exported_program", (3, 32, 32)) <= ATOL
+    path = export_network(network, tmp_path / "tiny.torchscript.pt", "torchscript", (3, 32, 32))
+    assert check_export(path, network, "torchscript", (3, 32, 32)) <= ATOL
     with torch.no_grad():
         network.head.bias.add_(0.01)  # the PyTorch model moves on, the file does not
     with pytest.raises(ExportMismatchError, match="differs from PyTorch by up to 0.01"):
-        check_export(path, network, "exported_program", (3, 32, 32))
+        check_export(path, network, "torchscript", (3, 32, 32))
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -63,6 +63,8 @@ def test_other_class_count_reinitialises_only_the_heads(checkpoint_32px, caplog)
     assert "re-initialised head.weight, head.bias, aux_head.weight, aux_head.bias" in caplog.text
 
 
+# slow: a fit and a validate of the 32 px fine-tune (~9 s)
+@pytest.mark.slow
 def test_a_finetuned_run_validates_without_its_init_file(checkpoint_32px, tmp_path, monkeypatch):
     """The fine-tuned checkpoint carries its weights: init_from is neither needed nor loaded."""
     from refiner_pl.cli import main

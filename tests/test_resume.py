@@ -138,5 +138,7 @@ def test_resumed_epoch_continues_with_the_same_batches_and_augmentations():
     assert not torch.equal(other_epoch[0], full[0])
 
 
+# slow: starts DataLoader worker processes (~12 s)
+@pytest.mark.slow
 def test_augmentations_do_not_depend_on_the_worker_processes():
     torch.testing.assert_close(_batches(num_workers=2), _batches(), rtol=0, atol=0)

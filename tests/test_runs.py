@@ -131,6 +131,8 @@ def test_fit_names_its_outputs_and_max_epochs_1_works(run_cli, tmp_path):
     assert "Tip:" not in result.stderr
 
 
+# slow: a fit, then an ONNX export (~11 s)
+@pytest.mark.slow
 def test_export_of_best_carries_deployment_metadata(run_cli, tmp_path, monkeypatch, capsys):
     run_cli("fit", *TINY, "--trainer.limit_train_batches", "2").check()
     out = tmp_path / "model.onnx"

@@ -149,6 +149,8 @@ def test_bad_value_in_the_attention_section_is_one_error_line(run_cli, tmp_path)
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+# slow: a fit with the attention report every epoch (~7 s)
+@pytest.mark.slow
 def test_the_attention_section_of_a_config_file(run_cli, tmp_path):
     (tmp_path / "attention.yaml").write_text("attention:\n  every_n_epochs: 1\n  num_images: 4\n")
     run_cli(
