@@ -96,6 +96,8 @@ def saved_preset(name: str, path: Path) -> str:
     return str(save_model(timm.create_model(name), path))
 
 
+# slow: builds, saves and fine-tunes refiner_vit_s (~6 s)
+@pytest.mark.slow
 def test_cifar100_transfer_config(run_in_process, tmp_path, cifar_root):
     init = saved_preset("refiner_vit_s", tmp_path / "s.pt")
     data = ["--data.data_dir", str(cifar_root.path), *SMALL_IMAGES]

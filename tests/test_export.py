@@ -95,6 +95,8 @@ def trained_network(ckpt: Path, ema: bool) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------- ONNX
+# slow: an ONNX export (~13 s); the EMA command test keeps ONNX in the fast set
+@pytest.mark.slow
 def test_onnx_of_the_tiny_model_matches_pytorch_at_two_batch_sizes(onnx_extra, tmp_path):
     network = randomised_tiny()
     path = export_network(network, tmp_path / "tiny.onnx", "onnx", (3, 32, 32))
@@ -143,7 +145,11 @@ def test_release_checkpoint_exports(onnx_extra, tmp_path):
 
 # ---------------------------------------------------------------- torch.export, TorchScript
 @pytest.mark.parametrize(
-    ("format", "suffix"), [("exported_program", ".pt2"), ("torchscript", ".torchscript.pt")]
+    ("format", "suffix"),
+    [
+        pytest.param("exported_program", ".pt2", marks=pytest.mark.slow),  # torch.export: ~11 s
+        ("torchscript", ".torchscript.pt"),
+    ],
 )
 def test_other_formats_match_pytorch(trained_ckpt, format, suffix, capsys):
     main(["--ckpt_path", str(trained_ckpt), "--format", format])

@@ -86,7 +86,11 @@ def test_release_config_is_inferred_from_tensors(release_fixture):
     assert args["block_types"] == ["shared" if s else "plain" for s in cfg["share_pattern"]]
 
 
-@pytest.mark.parametrize("name", sorted(SPEC_PARAMS))
+@pytest.mark.parametrize(
+    "name",
+    # L: 81 M parameters take ~4 s to build
+    [pytest.param(n, marks=pytest.mark.slow) if "_l" in n else n for n in sorted(SPEC_PARAMS)],
+)
 def test_release_shapes_convert_and_load_strictly(name, fixtures_dir):
     shapes = json.loads((fixtures_dir / "official_state_dict_shapes.json").read_text())[name]
     generator = torch.Generator().manual_seed(0)
