@@ -33,23 +33,32 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import Tensor
 
 from refiner_pl.errors import UserInputError, say
 
 __all__ = [
     "AtomicCheckpointIO",
     "DIGEST_KEY",
+    "EMA_STATE_KEY",
     "NonFiniteCheckpointError",
     "atomic_torch_save",
     "check_lightning_checkpoint",
     "content_digest",
+    "ema_weights_in",
     "first_non_finite",
+    "has_ema_weights",
+    "load_ema_weights",
+    "no_ema_weights_message",
     "read_checkpoint",
     "verify_digest",
 ]
 
 DIGEST_KEY = "refiner_pl_digest"
 """Key of ``{"sha256": hex}`` in every dict this project saves."""
+EMA_STATE_KEY = "EMA"
+"""Key of the `EMA` callback's state in ``checkpoint["callbacks"]``; its ``weights`` are the
+averaged network's state_dict."""
 
 _NOTED_UNVERIFIED: set[Path] = set()  # files already named in a "no checksum" note
 
@@ -278,3 +287,36 @@ def check_lightning_checkpoint(path: str) -> None:
             f"ckpt_path {path!r} is not a Lightning checkpoint written by `fit` (a release "
             "or model weights file?): to start from its weights, pass it as --model.init_from"
         )
+
+
+# ----------------------------------------------------------------- EMA weights
+def load_ema_weights(checkpoint_path: str | Path) -> dict[str, Tensor]:
+    """The averaged weights the `EMA` callback saved in a checkpoint, as the network's
+    state_dict.
+
+    ``ImageClassifier.load_from_checkpoint(path).model.load_state_dict(load_ema_weights(path))``
+    gives a module with the EMA weights, e.g. to export them.
+    """
+    weights = ema_weights_in(read_checkpoint(checkpoint_path))
+    if not weights:
+        raise UserInputError(no_ema_weights_message(checkpoint_path))
+    return weights
+
+
+def ema_weights_in(checkpoint: Mapping[str, Any]) -> dict[str, Tensor] | None:
+    """The `EMA` weights of a loaded Lightning checkpoint; None when it has none."""
+    return (checkpoint.get("callbacks", {}).get(EMA_STATE_KEY) or {}).get("weights") or None
+
+
+def no_ema_weights_message(checkpoint_path: str | Path) -> str:
+    """The error line for a request of EMA weights that a checkpoint does not hold."""
+    return (
+        f"{checkpoint_path} holds no EMA weights: it was trained without the EMA callback "
+        "(the `ema` config section); use its raw weights instead"
+    )
+
+
+def has_ema_weights(checkpoint_path: str | Path) -> bool:
+    """Whether a checkpoint carries `EMA` weights (reads no tensor data)."""
+    checkpoint = read_checkpoint(checkpoint_path, verify=False)  # memory-mapped, no tensor read
+    return ema_weights_in(checkpoint) is not None

@@ -57,10 +57,13 @@ from refiner_pl.callbacks import (
     NonFiniteLoss,
     PreciseBN,
     PredictionWriter,
-    has_ema_weights,
 )
 from refiner_pl.callbacks.preemption import PreemptionCheckpoint, preemption_signal
-from refiner_pl.checkpoint_io import AtomicCheckpointIO, check_lightning_checkpoint
+from refiner_pl.checkpoint_io import (
+    AtomicCheckpointIO,
+    check_lightning_checkpoint,
+    has_ema_weights,
+)
 from refiner_pl.data import ClassificationDataModule
 from refiner_pl.errors import UserInputError, first_line, reporting_user_errors
 from refiner_pl.module import ImageClassifier

@@ -25,8 +25,12 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from refiner_pl.callbacks.ema import ema_weights_in, no_ema_weights_message
-from refiner_pl.checkpoint_io import read_checkpoint, verify_digest
+from refiner_pl.checkpoint_io import (
+    ema_weights_in,
+    no_ema_weights_message,
+    read_checkpoint,
+    verify_digest,
+)
 from refiner_pl.errors import UserInputError, first_line
 from refiner_pl.lightning_compat import ensure_train_dataloader, tensorboard_file_writer
 from refiner_pl.losses import TokenLabelLoss, attention_similarity_penalty

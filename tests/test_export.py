@@ -12,7 +12,8 @@ from helpers import RELEASE_FIXTURE as RELEASE
 from helpers import quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from refiner_pl.callbacks import EMA, load_ema_weights
+from refiner_pl.callbacks import EMA
+from refiner_pl.checkpoint_io import load_ema_weights
 from refiner_pl.export import (
     ONNX_MODULES,
     TRACE_BATCH,

@@ -15,7 +15,8 @@ import yaml
 from helpers import CONFIGS, QUIET, imagenet_recipe
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from refiner_pl.callbacks import EMA, load_ema_weights
+from refiner_pl.callbacks import EMA
+from refiner_pl.checkpoint_io import load_ema_weights
 from refiner_pl.cli import RefinerCLI
 from refiner_pl.module import ImageClassifier
 

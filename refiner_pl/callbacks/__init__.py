@@ -3,7 +3,7 @@
 from refiner_pl.callbacks.attention import AttentionMonitor
 from refiner_pl.callbacks.confusion import ConfusionMatrixLogger
 from refiner_pl.callbacks.cpu_memory import KeepFreedMemory, keep_freed_memory
-from refiner_pl.callbacks.ema import EMA, has_ema_weights, load_ema_weights
+from refiner_pl.callbacks.ema import EMA
 from refiner_pl.callbacks.nonfinite import NonFiniteLoss, NonFiniteLossError
 from refiner_pl.callbacks.precise_bn import PreciseBN
 from refiner_pl.callbacks.predictions import PredictionWriter
@@ -19,7 +19,5 @@ __all__ = [
     "NonFiniteLossError",
     "PreciseBN",
     "PredictionWriter",
-    "has_ema_weights",
     "keep_freed_memory",
-    "load_ema_weights",
 ]

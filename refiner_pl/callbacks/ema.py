@@ -19,21 +19,17 @@ weights the evaluation loops score.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from timm.utils import ModelEmaV3
-from torch import Tensor, nn
+from torch import nn
 
-from refiner_pl.checkpoint_io import read_checkpoint
+from refiner_pl.checkpoint_io import EMA_STATE_KEY as STATE_KEY
 from refiner_pl.errors import UserInputError
 
-STATE_KEY = "EMA"
-"""Key of the EMA state in ``checkpoint["callbacks"]`` (independent of the arguments)."""
 NETWORK_PREFIX = "model."
 """The averaged network is ``pl_module.model``: its keys in the module's state_dict start so."""
 
@@ -272,34 +268,3 @@ def _network(pl_module: L.LightningModule) -> nn.Module:
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
-
-
-def load_ema_weights(checkpoint_path: str | Path) -> dict[str, Tensor]:
-    """The averaged weights saved by `EMA` in a checkpoint, as a state_dict of the network.
-
-    ``ImageClassifier.load_from_checkpoint(path).model.load_state_dict(load_ema_weights(path))``
-    gives a module with the EMA weights, e.g. to export them.
-    """
-    weights = ema_weights_in(read_checkpoint(checkpoint_path))
-    if not weights:
-        raise UserInputError(no_ema_weights_message(checkpoint_path))
-    return weights
-
-
-def ema_weights_in(checkpoint: Mapping[str, Any]) -> dict[str, Tensor] | None:
-    """The `EMA` weights of a loaded Lightning checkpoint; None when it has none."""
-    return (checkpoint.get("callbacks", {}).get(STATE_KEY) or {}).get("weights") or None
-
-
-def no_ema_weights_message(checkpoint_path: str | Path) -> str:
-    """The error line for a request of EMA weights that a checkpoint does not hold."""
-    return (
-        f"{checkpoint_path} holds no EMA weights: it was trained without the EMA callback "
-        "(the `ema` config section); use its raw weights instead"
-    )
-
-
-def has_ema_weights(checkpoint_path: str | Path) -> bool:
-    """Whether a checkpoint carries `EMA` weights (reads no tensor data)."""
-    checkpoint = read_checkpoint(checkpoint_path, verify=False)  # memory-mapped, no tensor read
-    return ema_weights_in(checkpoint) is not None

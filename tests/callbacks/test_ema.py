@@ -9,7 +9,8 @@ from helpers import QUICKSTART
 from helpers import quiet_trainer as trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from refiner_pl.callbacks import EMA, has_ema_weights, load_ema_weights
+from refiner_pl.callbacks import EMA
+from refiner_pl.checkpoint_io import has_ema_weights, load_ema_weights
 from refiner_pl.errors import UserInputError
 from refiner_pl.module import ImageClassifier
 
