@@ -121,6 +121,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 
 
 # ---------------------------------------------------------------------------- run lock
+@pytest.mark.slow  # starts a process: the live holder of the lock
 def test_a_second_live_run_into_a_run_folder_stops(run_cli, tmp_path):
     run = tmp_path / "runs" / "quickstart" / "version_0"
     run.mkdir(parents=True)
