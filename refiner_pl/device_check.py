@@ -137,6 +137,11 @@ class Profile:
     benchmarks: tuple[Bench, ...]
     substitutions: tuple[str, ...] = field(default=())
 
+    @property
+    def fit_steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch of the fits: the generated train images per batch."""
+        return self.classes * self.train_per_class // self.fit_batch
+
 
 # Budget of the GPU run on one H200 (16 cores), in seconds; the sum of the required steps
 # plus start-up stays under 8 minutes, and optional compiled benchmarks fill what is left.
@@ -690,7 +695,7 @@ def _check_fit_record(run: Run, record: dict[str, Any], numbers: dict[str, Any])
 def _fit(run: Run, precision: str, trainer_config: str, result: Result) -> None:
     p = run.profile
     probe = run.work / f"fit_{precision}.json"
-    steps_per_epoch = p.classes * p.train_per_class // p.fit_batch
+    steps_per_epoch = p.fit_steps_per_epoch
     args = fit_args(
         run,
         f"fit_{precision}",
@@ -953,7 +958,7 @@ def check_compile(run: Run, result: Result) -> None:
 
 
 def _fit_criterion(profile: Profile) -> str:
-    steps = profile.classes * profile.train_per_class // profile.fit_batch * profile.fit_epochs
+    steps = profile.fit_steps_per_epoch * profile.fit_epochs
     return f"{steps} steps of cli.py fit: finite losses, last 5 below first 5"
 
 
@@ -975,7 +980,7 @@ def check_resume_last(run: Run, result: Result) -> None:
         "the resumed fit starts at the stored step, ends at the full run's, and its losses "
         f"match the uninterrupted bf16-mixed fit within {RESUME_RTOL:g} relative"
     )
-    steps_per_epoch = p.classes * p.train_per_class // p.fit_batch
+    steps_per_epoch = p.fit_steps_per_epoch
     first, second = run.work / "resume_first.json", run.work / "resume_second.json"
     common = dict(
         run=run,

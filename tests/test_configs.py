@@ -3,9 +3,9 @@
 Data files need a dataset on disk: the tests point them at the tiny generated ones. GPU files
 run with ``--trainer.accelerator cpu --trainer.devices 1 --trainer.num_nodes 1``; the DDP ones
 launch real ranks in tests/test_distributed.py, so no process group is ever created inside
-pytest. The FSDP file is the
-exception: Lightning runs FSDP on CUDA only (see ``FSDP`` below). The ImageNet presets are
-overlays of configs/imagenet/base.yaml and always run on top of it.
+pytest. The FSDP file is the exception: Lightning runs FSDP on CUDA only (see ``FSDP``
+below). The ImageNet presets are overlays of configs/imagenet/base.yaml and always run on
+top of it.
 """
 
 from pathlib import Path
@@ -81,8 +81,6 @@ def test_model_config(config, run_in_process):
 
 
 # mixed precision on the CPU (bf16 autocast) is slow: the GPU files are slow tests
-
-
 @pytest.mark.parametrize(
     "config", [c if "cpu" in c else pytest.param(c, marks=SLOW) for c in TRAINERS]
 )

@@ -38,7 +38,7 @@ def test_cpu_smoke_runs_every_check_and_writes_both_reports(tmp_path):
     assert checks["fused_cpu_path"]["numbers"]["calls_train_fp32"] > 0  # the probe sees it
     assert checks["fused_cpu_path"]["numbers"]["calls_train_bf16"] == 0
     smoke = device_check.CPU_SMOKE
-    steps_per_epoch = smoke.classes * smoke.train_per_class // smoke.fit_batch
+    steps_per_epoch = smoke.fit_steps_per_epoch
     for precision in ("16-mixed", "bf16-mixed"):
         fit = checks[f"fit_{precision.replace('-', '_')}"]["numbers"]
         assert fit["steps"] == steps_per_epoch * smoke.fit_epochs
